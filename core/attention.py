@@ -1,0 +1,260 @@
+"""One attention-control mechanism for every method that touches attention.
+
+A host adapter (ComfyUI in `nodes/comfy_attention.py`, diffusers in `core/diffusers_adapter.py`) routes
+each attention call of a UNet through `controlled_attention`. The call is described by an
+`AttentionCall`: its `AttentionSite` (self or cross, block, transformer index, layer), the sampling step,
+the token grid of the queries and the `BatchLayout` (which rows are conditional / unconditional and which
+latent item each row belongs to). Controllers are small immutable objects; whatever they learn during a
+sampling run lives in a `RunState` that the adapter creates at the start of the run, never in the
+controller itself, so one patched model can serve several runs and several graphs without shared state.
+
+Tensor conventions (those of the host's attention functions):
+- q: (batch, query_tokens, heads * head_dim); k, v: (batch, key_tokens, heads * head_dim)
+- probabilities: (batch, heads, query_tokens, key_tokens)
+- output: (batch, query_tokens, heads * head_dim)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+SELF = "self"
+CROSS = "cross"
+BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
+
+# fast_attention(q, k, v, heads) -> out: the host's own attention kernel for the untouched path.
+FastAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True, order=True)
+class AttentionSite:
+    """Where an attention call happens, named as ComfyUI names UNet blocks.
+
+    `block`/`block_id` are ComfyUI's ("input", 4), ("middle", 0), ("output", 7); `index` is the transformer
+    block inside that UNet block (SDXL stacks several); `layer` counts transformer blocks through the UNet in
+    execution order (SD1.5 has 16: the "layer 10" of MasaCtrl is layer index 10).
+    """
+    layer: int
+    kind: str
+    block: str
+    block_id: int
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.block}{self.block_id}.{self.index}.{self.kind}"
+
+
+def sites_for_transformers(transformers: Iterable[tuple[str, int, int]]) -> list[AttentionSite]:
+    """The self- and cross-attention sites of transformer blocks given as (block, block_id, index).
+
+    Sorted into UNet execution order; both adapters build their site list through this function.
+    """
+    ordered = sorted(transformers, key=lambda t: (BLOCK_ORDER[t[0]], t[1], t[2]))
+    sites = []
+    for layer, (block, block_id, index) in enumerate(ordered):
+        sites.append(AttentionSite(layer, SELF, block, block_id, index))
+        sites.append(AttentionSite(layer, CROSS, block, block_id, index))
+    return sites
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the rows of a UNet batch map to branches and latent items.
+
+    Hosts concatenate the conditional and unconditional passes: rows are `len(chunks)` chunks of
+    `items` rows each, chunk c holding branch chunks[c] ("cond" / "uncond") of latent items 0..items-1.
+    """
+    chunks: tuple[str, ...]
+    items: int
+
+    @property
+    def size(self) -> int:
+        return len(self.chunks) * self.items
+
+    def rows(self, branch: str | None = None, item: int | None = None) -> list[int]:
+        out = []
+        for c, chunk_branch in enumerate(self.chunks):
+            if branch is not None and chunk_branch != branch:
+                continue
+            for i in range(self.items):
+                if item is None or i == item:
+                    out.append(c * self.items + i)
+        return out
+
+    def item_of(self, row: int) -> int:
+        return row % self.items
+
+    def branch_of(self, row: int) -> str:
+        return self.chunks[row // self.items]
+
+    @staticmethod
+    def from_cond_or_uncond(cond_or_uncond: Sequence[int] | None, batch: int) -> "BatchLayout":
+        """ComfyUI passes 0 for a conditional chunk and 1 for an unconditional one."""
+        if not cond_or_uncond:
+            return BatchLayout(("cond",), batch)
+        chunks = tuple("uncond" if c == 1 else "cond" for c in cond_or_uncond)
+        if batch % len(chunks):
+            return BatchLayout(("cond",), batch)
+        return BatchLayout(chunks, batch // len(chunks))
+
+
+class RunState:
+    """Mutable state of one sampling run: one slot per controller, created by `controller.new_run_state()`."""
+
+    def __init__(self, controllers: Sequence["AttentionController"] = ()):
+        self._slots = {id(c): c.new_run_state() for c in controllers}
+        self._controllers = list(controllers)
+
+    def of(self, controller: "AttentionController"):
+        key = id(controller)
+        if key not in self._slots:  # a controller added after the run began still gets its slot
+            self._slots[key] = controller.new_run_state()
+            self._controllers.append(controller)
+        return self._slots[key]
+
+    def finish(self, success: bool) -> None:
+        for c in self._controllers:
+            c.end_run(self._slots[id(c)], success)
+
+
+@dataclass
+class AttentionCall:
+    site: AttentionSite
+    heads: int
+    step: int
+    num_steps: int
+    grid: tuple[int, int]          # (h, w) of the query tokens
+    layout: BatchLayout
+    run: RunState
+    sigma: float | None = None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run's steps already done when this call happens (0 at the first step)."""
+        return self.step / max(self.num_steps, 1)
+
+    def state(self, controller: "AttentionController"):
+        return self.run.of(controller)
+
+
+class AttentionController:
+    """Base controller: does nothing. Override what the method needs.
+
+    `wants_site` is asked once, when a model is patched: sites no controller wants get no patch and keep
+    the host's attention untouched. `acts_on` is asked per call (step, grid and batch known then); when no
+    controller acts on a call the host's fast kernel runs. Probabilities are materialised only when an
+    acting controller says `needs_probs`.
+    """
+
+    def wants_site(self, site: AttentionSite) -> bool:
+        return True
+
+    def acts_on(self, call: AttentionCall) -> bool:
+        return False
+
+    def needs_probs(self, call: AttentionCall) -> bool:
+        return False
+
+    def edit_qkv(self, call: AttentionCall, q, k, v):
+        return q, k, v
+
+    def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
+        return probs
+
+    def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def new_run_state(self):
+        return None
+
+    def end_run(self, state, success: bool) -> None:
+        pass
+
+    # Controllers are configuration: a host deep-copying its model options must share, not clone, them.
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass(frozen=True)
+class ControlSet:
+    """The ordered controllers attached to one patched model. Immutable: adding one gives a new set."""
+    controllers: tuple[AttentionController, ...] = field(default_factory=tuple)
+
+    def with_controller(self, controller: AttentionController) -> "ControlSet":
+        return ControlSet(self.controllers + (controller,))
+
+    def wants_site(self, site: AttentionSite) -> bool:
+        return any(c.wants_site(site) for c in self.controllers)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head, computed in float32 whatever the model's dtype."""
+    qh = split_heads(q, heads).float()
+    kh = split_heads(k, heads).float()
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+
+
+def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    vh = split_heads(v, heads)
+    return merge_heads((probs.to(torch.float32) @ vh.float()).to(v.dtype))
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reference fast path (PyTorch SDPA) for hosts that have none of their own."""
+    out = torch.nn.functional.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
+                                                           split_heads(v, heads))
+    return merge_heads(out)
+
+
+def controlled_attention(call: AttentionCall, q, k, v, controllers: Sequence[AttentionController],
+                         fast_attention: FastAttention) -> torch.Tensor:
+    """Run one attention call through the controllers that act on it, in order."""
+    active = [c for c in controllers if c.acts_on(call)]
+    if not active:
+        return fast_attention(q, k, v, call.heads)
+    for c in active:
+        q, k, v = c.edit_qkv(call, q, k, v)
+    if any(c.needs_probs(call) for c in active):
+        probs = attention_probs(q, k, call.heads)
+        for c in active:
+            probs = c.edit_probs(call, probs)
+        out = apply_probs(probs, v, call.heads)
+    else:
+        out = fast_attention(q, k, v, call.heads)
+    for c in active:
+        out = c.edit_output(call, out)
+    return out
+
+
+def token_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a UNet feature map with `tokens` positions for a latent of size latent_hw.
+
+    UNet levels halve the size with rounding up, so try successive downsampling factors.
+    """
+    h, w = latent_hw
+    for _ in range(16):
+        if h * w == tokens:
+            return h, w
+        h, w = (h + 1) // 2, (w + 1) // 2
+    side = int(round(math.sqrt(tokens)))
+    if side * side == tokens:
+        return side, side
+    raise ValueError(f"cannot place {tokens} attention tokens on a grid for a {latent_hw} latent")

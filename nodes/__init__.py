@@ -1,0 +1,13 @@
+"""ComfyUI nodes of the pack. Everything here may import ComfyUI; the methods live in core/."""
+from __future__ import annotations
+
+from typing_extensions import override
+from comfy_api.latest import ComfyExtension, io
+
+from .attention_maps import NODES as ATTENTION_MAP_NODES
+
+
+class EditKitExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*ATTENTION_MAP_NODES]

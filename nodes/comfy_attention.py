@@ -1,0 +1,163 @@
+"""ComfyUI adapter of the attention-control mechanism (core/attention.py).
+
+How it hooks in (ComfyUI v0.12.1):
+- `attach_controller` clones the ModelPatcher and adds the controller to an immutable `ControlSet` kept in
+  `model_options["transformer_options"]`, then puts an attn1/attn2 *replace* patch on every transformer
+  site some controller wants. The patch receives ComfyUI's projected q, k, v and `extra_options`.
+- An OUTER_SAMPLE wrapper creates a fresh `RunState` for each sampling run and puts it in the run's own
+  copy of the transformer options (CFGGuider.sample copies them per run), so state never outlives a run
+  nor crosses between graphs; the wrapper closes the run (controllers publish results) in `finally`.
+- The patches read the ControlSet and the RunState from the call's options, not from themselves:
+  ModelPatcher.clone deep-copies model options but only shallow-copies wrappers, so nothing may rely on
+  object identity across a clone.
+"""
+from __future__ import annotations
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import SpatialTransformer
+
+from ..core.attention import (AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet, RunState,
+                              controlled_attention, sites_for_transformers)
+from ..core.schedule import step_index
+
+CONTROLS_KEY = "editkit_controls"
+RUN_KEY = "editkit_run"
+WRAPPER_KEY = "editkit_attention"
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _unet(model_patcher):
+    diffusion_model = getattr(model_patcher.model, "diffusion_model", None)
+    if diffusion_model is None or not all(hasattr(diffusion_model, a) for a in
+                                          ("input_blocks", "middle_block", "output_blocks")):
+        name = type(getattr(model_patcher.model, "diffusion_model", model_patcher.model)).__name__
+        raise UnsupportedModelError(
+            f"model: attention control needs a UNet with spatial transformers (SD 1.x, SD 2.x, SDXL); "
+            f"this model's diffusion model is {name}")
+    return diffusion_model
+
+
+def transformer_blocks(model_patcher) -> list[tuple[str, int, int]]:
+    """(block, block_id, index) of every transformer block, found from the model itself."""
+    unet = _unet(model_patcher)
+    found = []
+    groups = [("input", enumerate(unet.input_blocks)), ("middle", [(0, unet.middle_block)]),
+              ("output", enumerate(unet.output_blocks))]
+    for block, blocks in groups:
+        for block_id, seq in blocks:
+            for module in seq:
+                if isinstance(module, SpatialTransformer):
+                    found.extend((block, block_id, i) for i in range(len(module.transformer_blocks)))
+    return found
+
+
+def attention_sites(model_patcher) -> list[AttentionSite]:
+    sites = sites_for_transformers(transformer_blocks(model_patcher))
+    if not sites:
+        raise UnsupportedModelError("model: no transformer attention blocks found in this UNet")
+    return sites
+
+
+def host_fast_attention(extra_options: dict):
+    """ComfyUI's selected attention kernel (looked up per call: the host may switch it)."""
+    def fast(q, k, v, heads):
+        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                                   transformer_options=extra_options)
+    return fast
+
+
+class SitePatch:
+    """attn1/attn2 replace patch for one site. Keeps any patch that was there before as its fast path."""
+
+    def __init__(self, site: AttentionSite, previous=None):
+        self.site = site
+        self.previous = previous
+
+    def _fast(self, extra_options):
+        if self.previous is None:
+            return host_fast_attention(extra_options)
+        previous = self.previous
+        return lambda q, k, v, heads: previous(q, k, v, extra_options)
+
+    def __call__(self, q, k, v, extra_options):
+        fast = self._fast(extra_options)
+        controls: ControlSet | None = extra_options.get(CONTROLS_KEY)
+        run: RunState | None = extra_options.get(RUN_KEY)
+        if controls is None or run is None:   # model called outside a sampling run: behave as the host
+            return fast(q, k, v, extra_options["n_heads"])
+        return controlled_attention(call_from_options(self.site, q, extra_options, run), q, k, v,
+                                    controls.controllers, fast)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def call_from_options(site: AttentionSite, q, extra_options: dict, run: RunState) -> AttentionCall:
+    shape = extra_options.get("activations_shape")
+    grid = (int(shape[-2]), int(shape[-1])) if shape is not None else (q.shape[1], 1)
+    schedule = extra_options.get("sample_sigmas")
+    sigmas = extra_options.get("sigmas")
+    sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
+    if schedule is not None and sigma is not None:
+        step, num_steps = step_index(sigma, schedule), max(len(schedule) - 1, 1)
+    else:
+        step, num_steps = 0, 1
+    layout = BatchLayout.from_cond_or_uncond(extra_options.get("cond_or_uncond"), q.shape[0])
+    return AttentionCall(site=site, heads=extra_options["n_heads"], step=step, num_steps=num_steps, grid=grid,
+                         layout=layout, run=run, sigma=sigma)
+
+
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    options = guider.model_options.setdefault("transformer_options", {})   # this run's own copy
+    controls: ControlSet | None = options.get(CONTROLS_KEY)
+    if controls is None:
+        return executor(*args, **kwargs)
+    run = RunState(controls.controllers)
+    options[RUN_KEY] = run
+    ok = False
+    try:
+        result = executor(*args, **kwargs)
+        ok = True
+        return result
+    finally:
+        options.pop(RUN_KEY, None)
+        run.finish(ok)
+
+
+def attach_controller(model_patcher, controller: AttentionController):
+    """A clone of `model_patcher` with `controller` appended to its controllers. The input is untouched."""
+    sites = attention_sites(model_patcher)
+    patched = model_patcher.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    controls = options.get(CONTROLS_KEY) or ControlSet()
+    controls = controls.with_controller(controller)
+    replace = options.get("patches_replace", {})
+    for site in sites:
+        if not controller.wants_site(site):
+            continue
+        name = "attn1" if site.kind == "self" else "attn2"
+        key = (site.block, site.block_id, site.index)
+        existing = replace.get(name, {}).get(key)
+        if isinstance(existing, SitePatch):
+            continue
+        patch = SitePatch(site, previous=existing)
+        if name == "attn1":
+            patched.set_model_attn1_replace(patch, site.block, site.block_id, site.index)
+        else:
+            patched.set_model_attn2_replace(patch, site.block, site.block_id, site.index)
+    # set_model_*_replace rebuilds the transformer_options dict: store the controls in the final one
+    patched.model_options["transformer_options"][CONTROLS_KEY] = controls
+    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                     _outer_sample_wrapper)
+    return patched
+
+
+def controllers_of(model_patcher) -> tuple[AttentionController, ...]:
+    controls = model_patcher.model_options.get("transformer_options", {}).get(CONTROLS_KEY)
+    return controls.controllers if controls is not None else ()

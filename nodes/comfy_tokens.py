@@ -1,0 +1,41 @@
+"""Prompt tokenisation with the CLIP of the model in use (ComfyUI side of core/tokens.py)."""
+from __future__ import annotations
+
+from ..core.tokens import PromptTokens, word_positions
+
+
+def _sd_tokenizer(clip):
+    """The 77-token CLIP tokenizer whose positions the UNet's cross-attention keys follow."""
+    tokenizer = clip.tokenizer
+    for name, key in (("clip_l", "l"), ("clip_g", "g")):
+        if hasattr(tokenizer, name):
+            return getattr(tokenizer, name), key
+    raise ValueError("clip: this text encoder has no CLIP-L or CLIP-G tokenizer; word maps need an SD 1.x, "
+                     "SD 2.x or SDXL text encoder")
+
+
+def _token_id(entry) -> int:
+    token = entry[0]
+    return int(token) if isinstance(token, int) else -1   # embeddings arrive as tensors
+
+
+def prompt_tokens(clip, text: str) -> PromptTokens:
+    sd_tokenizer, key = _sd_tokenizer(clip)
+    chunks = clip.tokenize(text)[key]
+    special = {sd_tokenizer.start_token, sd_tokenizer.end_token, sd_tokenizer.pad_token, -1}
+    return PromptTokens(tuple(tuple(_token_id(e) for e in chunk) for chunk in chunks),
+                        frozenset(t for t in special if t is not None))
+
+
+def prompt_word_positions(clip, prompt: str, words: list[str], input_name: str = "words") -> tuple[PromptTokens, list[list[int]]]:
+    """Key positions of each word in `prompt`, as CLIP tokenises both; unknown words raise a clear error."""
+    sd_tokenizer, _ = _sd_tokenizer(clip)
+    tokens = prompt_tokens(clip, prompt)
+
+    def encode_word(word: str) -> list[int]:
+        return [t for _, t in prompt_tokens(clip, word).content()]
+
+    def id_to_piece(token_id: int) -> str:
+        return sd_tokenizer.inv_vocab.get(token_id, "?")
+
+    return tokens, word_positions(tokens, words, encode_word, id_to_piece, input_name=input_name)

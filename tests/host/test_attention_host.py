@@ -1,0 +1,191 @@
+"""The attention mechanism and the attention-map nodes inside the real ComfyUI, on the tiny model."""
+import copy
+
+import pytest
+import torch
+
+from editkit.core.attention import AttentionController
+from support import comfy_host
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    comfy_host.require_host()
+    return comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
+
+
+@pytest.fixture(scope="module")
+def pack(host):
+    import editkit.nodes.comfy_attention as comfy_attention
+    return comfy_attention
+
+
+@pytest.fixture()
+def tiny(host):
+    from support.tiny_models import tiny_checkpoint
+    return tiny_checkpoint(seed=0)
+
+
+def _encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def _sample(model, clip, sampler="euler", prompt="a cat riding a bicycle", seed=0, size=(8, 8), cfg=5.0, steps=STEPS):
+    import comfy.sample
+    latent = torch.zeros(1, 4, *size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", _encode(clip, prompt),
+                               _encode(clip, "blurry"), latent, seed=seed, disable_pbar=True)
+
+
+class _PassThrough(AttentionController):
+    """Acts on every call and changes nothing; with `probs` it also materialises the probabilities."""
+
+    def __init__(self, probs=False):
+        self.probs = probs
+
+    def acts_on(self, call):
+        return True
+
+    def needs_probs(self, call):
+        return self.probs
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
+def test_no_op_controllers_reproduce_unpatched_sampling(pack, tiny, sampler):
+    model, clip, _ = tiny
+    plain = _sample(model, clip, sampler)
+    for controller in (AttentionController(), _PassThrough()):
+        patched = _sample(pack.attach_controller(model, controller), clip, sampler)
+        assert (patched - plain).abs().max().item() < 1e-5, type(controller).__name__
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_materialised_probabilities_match_the_host_kernel(pack, tiny, sampler):
+    """Explicit softmax differs from ComfyUI's kernel by float32 rounding, which a random UNet amplifies
+    along a run: 1e-5 relative to the latent's scale."""
+    from editkit.core.capture import AttentionMapCapture
+    model, clip, _ = tiny
+    plain = _sample(model, clip, sampler)
+    for controller in (_PassThrough(probs=True), AttentionMapCapture(max_tokens=10**6)):
+        patched = _sample(pack.attach_controller(model, controller), clip, sampler)
+        assert (patched - plain).abs().max().item() < 1e-5 * plain.abs().max().item(), type(controller).__name__
+
+
+class _SiteOrder(AttentionController):
+    """Records the sites of every attention call (run one model evaluation through it)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def acts_on(self, call):
+        self.seen.append(call.site)
+        return False
+
+
+def test_comfy_and_diffusers_adapters_report_the_same_sites_in_order(pack, tiny):
+    from editkit.core.attention import BatchLayout
+    from editkit.core.diffusers_adapter import DiffusersAttentionAdapter
+    from support.tiny_models import make_diffusers_unet
+    model, clip, _ = tiny
+    comfy_sites = pack.attention_sites(model)
+    unet = make_diffusers_unet(seed=0)
+    adapter = DiffusersAttentionAdapter(unet)
+    assert comfy_sites == adapter.site_list()
+
+    comfy_order = _SiteOrder()
+    _sample(pack.attach_controller(model, comfy_order), clip, steps=1, cfg=1.0)
+    diffusers_order = _SiteOrder()
+    adapter = DiffusersAttentionAdapter(unet, [diffusers_order]).install()
+    with adapter.run(1, (8, 8), BatchLayout(("cond",), 1)):
+        unet(torch.randn(1, 4, 8, 8), 999, encoder_hidden_states=torch.randn(1, 77, 32))
+    adapter.uninstall()
+    assert comfy_order.seen == diffusers_order.seen == comfy_sites
+
+
+def test_input_model_is_unchanged_after_patching_and_sampling(pack, tiny):
+    from editkit.core.capture import AttentionMapCapture
+    model, clip, _ = tiny
+    before_options = copy.deepcopy(model.model_options)
+    before_wrappers = copy.copy(model.wrappers)
+    before = _sample(model, clip)
+    patched = pack.attach_controller(model, AttentionMapCapture())
+    _sample(patched, clip)
+    assert model.model_options == before_options
+    assert model.wrappers == before_wrappers
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+    assert torch.equal(_sample(model, clip), before)
+    assert pack.controllers_of(model) == ()
+
+
+def test_runs_and_models_do_not_share_capture_state(pack, tiny):
+    from editkit.core.capture import AttentionMapCapture
+    model, clip, _ = tiny
+    cap_a, cap_b = AttentionMapCapture(), AttentionMapCapture()
+    model_a, model_b = pack.attach_controller(model, cap_a), pack.attach_controller(model, cap_b)
+    _sample(model_a, clip, prompt="a cat riding a bicycle")
+    first_a = cap_a.store.maps.clone()
+    _sample(model_b, clip, prompt="a dog in the snow", seed=3)
+    assert cap_a.store.runs == 1 and cap_b.store.runs == 1
+    assert not torch.allclose(first_a, cap_b.store.maps)
+    _sample(model_a, clip, prompt="a cat riding a bicycle")      # a second run starts from fresh state
+    assert cap_a.store.runs == 2
+    assert torch.allclose(cap_a.store.maps, first_a, atol=1e-6)
+    # a clone of a patched model (another node downstream) still publishes to the same capture
+    _sample(model_a.clone(), clip)
+    assert cap_a.store.runs == 3
+
+
+def test_captured_maps_sum_to_one_over_tokens(pack, tiny):
+    from editkit.core.capture import AttentionMapCapture
+    model, clip, _ = tiny
+    cap = AttentionMapCapture(max_tokens=16)
+    _sample(pack.attach_controller(model, cap), clip, size=(8, 12))
+    maps = cap.store.maps
+    assert maps.shape == (1, 4, 6, 77)
+    assert torch.allclose(maps.sum(-1), torch.ones(1, 4, 6), atol=1e-5)
+
+
+def _workflow_prompt(seed=0):
+    wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / "attention_map_preview.json")
+    return comfy_host.swap_checkpoint_loader(comfy_host.ui_to_api(wf), seed=seed)
+
+
+def _node_of(prompt, class_type):
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def test_attention_map_workflow_runs_in_the_executor(host):
+    prompt = _workflow_prompt()
+    result = comfy_host.run_prompt(prompt)
+    mask_node = _node_of(prompt, "EditKitAttentionMapsToMask")
+    mask, heat = result.outputs[mask_node][0], result.outputs[mask_node][1]
+    width, height = prompt[_node_of(prompt, "EmptyLatentImage")]["inputs"]["width"], \
+        prompt[_node_of(prompt, "EmptyLatentImage")]["inputs"]["height"]
+    assert mask.shape == (1, height, width)
+    assert 0.0 <= mask.min() and mask.max() <= 1.0 and mask.max() > 0.99
+    assert heat.shape == (1, height, 2 * width, 3)          # two words: "cat, table"
+    again = comfy_host.run_prompt(_workflow_prompt())
+    assert torch.equal(again.outputs[mask_node][0], mask)   # deterministic
+
+
+def test_mask_has_the_latent_aspect_ratio_at_image_size(host):
+    prompt = _workflow_prompt()
+    latent = _node_of(prompt, "EmptyLatentImage")
+    prompt[latent]["inputs"].update(width=64, height=96)
+    mask_node = _node_of(prompt, "EditKitAttentionMapsToMask")
+    del prompt[mask_node]["inputs"]["images"]
+    result = comfy_host.run_prompt(prompt)
+    assert result.outputs[mask_node][0].shape == (1, 96, 64)
+
+
+def test_unknown_word_is_a_clear_error(host):
+    prompt = _workflow_prompt()
+    mask_node = _node_of(prompt, "EditKitAttentionMapsToMask")
+    prompt[mask_node]["inputs"]["words"] = "cat, dog"
+    with pytest.raises(comfy_host.HostError) as e:
+        comfy_host.run_prompt(prompt)
+    assert "'dog' is not in the prompt" in str(e.value)
+    assert "a, photo, of, a, cat, sitting, on, a, wooden, table" in str(e.value)

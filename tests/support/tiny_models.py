@@ -1,0 +1,350 @@
+"""Tiny, deterministic Stable-Diffusion-1.5-layout models for tests.
+
+The models share SD1.5's *block layout* (4 levels, 2 res blocks per level,
+cross-attention transformers at the first three levels and in the middle, so
+ComfyUI block ids input 1,2,4,5,7,8 / middle 0 / output 3..11 carry a
+transformer exactly as in SD1.5) but use tiny widths so that everything runs
+in well under a second on a CPU.
+
+Every parameter is initialised explicitly from a seed: ComfyUI's layers skip
+PyTorch's default initialisation (uninitialised memory -> NaN), and diffusers
+zero-initialises some output convolutions, so both are overwritten here.
+
+Public API (float32, CPU):
+
+* ``TINY_UNET_CONFIG``       -- kwargs for ``diffusers.UNet2DConditionModel``
+* ``TINY_COMFY_UNET_CONFIG`` -- the matching ComfyUI ``unet_config``
+* ``TINY_CLIP_CONFIG``       -- overrides of ComfyUI's CLIP-L text config
+* ``TINY_VAE_DDCONFIG``      -- ComfyUI ``AutoencoderKL`` ddconfig
+* ``make_diffusers_unet(seed=0)``
+* ``make_comfy_model(seed=0)``  -> ``comfy.model_patcher.ModelPatcher``
+* ``make_comfy_clip(seed=0)``   -> ``comfy.sd.CLIP``
+* ``make_comfy_vae(seed=0)``    -> ``comfy.sd.VAE``
+* ``tiny_checkpoint(seed=0)``   -> ``(MODEL, CLIP, VAE)``
+
+Only ``make_diffusers_unet`` works without ComfyUI; the ``make_comfy_*``
+functions need ComfyUI to have been booted first
+(``support.comfy_host.boot_comfy`` / ``boot``).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+
+import torch
+
+__all__ = [
+    "TINY_UNET_CONFIG",
+    "TINY_COMFY_UNET_CONFIG",
+    "TINY_CLIP_CONFIG",
+    "TINY_VAE_DDCONFIG",
+    "CONTEXT_DIM",
+    "LATENT_CHANNELS",
+    "VAE_DOWNSCALE",
+    "TRANSFORMER_BLOCK_IDS",
+    "init_weights_",
+    "make_diffusers_unet",
+    "make_comfy_model",
+    "make_comfy_clip",
+    "make_comfy_vae",
+    "tiny_checkpoint",
+]
+
+CONTEXT_DIM = 32
+LATENT_CHANNELS = 4
+VAE_DOWNSCALE = 8
+
+# ComfyUI block ids carrying a SpatialTransformer, exactly as in SD1.5.
+TRANSFORMER_BLOCK_IDS = {
+    "input": (1, 2, 4, 5, 7, 8),
+    "middle": (0,),
+    "output": (3, 4, 5, 6, 7, 8, 9, 10, 11),
+}
+
+# diffusers UNet2DConditionModel kwargs.  NOTE: like the real SD1.5 config,
+# ``attention_head_dim=8`` is (a historical diffusers quirk) the number of
+# heads, so width 32 -> 8 heads of 4 dims, width 64 -> 8 heads of 8 dims,
+# matching ComfyUI's SD15 ``num_heads=8, num_head_channels=-1``.
+TINY_UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "block_out_channels": (32, 32, 64, 64),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": CONTEXT_DIM,
+    "attention_head_dim": 8,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+}
+
+# The matching ComfyUI unet_config (same keys ComfyUI's model detection
+# produces for SD1.5, tiny widths).  supported_models.SD15 adds
+# num_heads=8 / num_head_channels=-1 itself.
+TINY_COMFY_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": LATENT_CHANNELS,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": LATENT_CHANNELS,
+    "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 1, 2, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": CONTEXT_DIM,
+    "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+# Overrides applied by ComfyUI on top of comfy/sd1_clip_config.json (CLIP-L).
+TINY_CLIP_CONFIG = {
+    "hidden_size": CONTEXT_DIM,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "projection_dim": CONTEXT_DIM,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+}
+
+# ComfyUI AutoencoderKL (SD-VAE layout): 4 levels -> downscale 8, 4 latent ch.
+TINY_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": LATENT_CHANNELS,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+
+# Distinct sub-seeds so that UNet / CLIP / VAE weights are independent.
+_SUBSEED = {"unet": 0, "clip": 1, "vae": 2}
+_BIAS_STD = 0.02
+
+
+def _generator(seed: int, part: str) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed) * 1000 + _SUBSEED[part])
+    return g
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+        return True
+    return "norm" in type(module).__name__.lower()
+
+
+@torch.no_grad()
+def init_weights_(module: torch.nn.Module, generator: torch.Generator, gain: float = 1.0) -> torch.nn.Module:
+    """Deterministically (re)initialise every parameter of ``module`` in place.
+
+    * normalisation layers: weight 1, bias 0
+    * weights (ndim >= 2, incl. embeddings): N(0, gain / sqrt(fan_in))
+    * biases / other 1-d params: N(0, 0.02)
+    * 0-d params (e.g. CLIP ``logit_scale``): ln(100)
+
+    Float buffers are checked to be finite (none of the tiny models has an
+    uninitialised buffer; this guards against future regressions).
+    """
+    for _, mod in module.named_modules():
+        norm = _is_norm(mod)
+        for pname, p in mod.named_parameters(recurse=False):
+            if norm:
+                p.fill_(1.0 if pname == "weight" else 0.0)
+            elif p.ndim >= 2:
+                fan_in = p[0].numel()
+                std = gain / math.sqrt(fan_in)
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * _BIAS_STD)
+            else:
+                p.fill_(math.log(100.0))
+        for bname, b in mod.named_buffers(recurse=False):
+            if torch.is_floating_point(b) and not torch.isfinite(b).all():
+                raise RuntimeError(f"uninitialised buffer {bname!r} in {type(mod).__name__}")
+    return module
+
+
+# ----------------------------------------------------------------------------
+# diffusers
+# ----------------------------------------------------------------------------
+
+def make_diffusers_unet(seed: int = 0):
+    """A tiny diffusers ``UNet2DConditionModel`` (float32, CPU, eval mode)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    init_weights_(unet, _generator(seed, "unet"))
+    unet.eval()
+    unet.requires_grad_(False)
+    return unet
+
+
+_lock = threading.RLock()
+_unet_sd_cache: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def _diffusers_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    with _lock:
+        sd = _unet_sd_cache.get(seed)
+        if sd is None:
+            unet = make_diffusers_unet(seed)
+            sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+            _unet_sd_cache[seed] = sd
+        return sd
+
+
+# ----------------------------------------------------------------------------
+# ComfyUI
+# ----------------------------------------------------------------------------
+
+def _require_comfy():
+    if "comfy.model_management" not in sys.modules:
+        raise RuntimeError(
+            "ComfyUI is not booted: call support.comfy_host.boot_comfy(tmp_dir) "
+            "(or boot(tmp_dir)) before building ComfyUI models"
+        )
+
+
+def comfy_unet_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weights of ``make_diffusers_unet(seed)`` under ComfyUI (ldm) keys.
+
+    Converted with ComfyUI's own ``comfy.utils.unet_to_diffusers`` mapping.
+    """
+    _require_comfy()
+    import comfy.utils
+
+    diffusers_sd = _diffusers_unet_state_dict(seed)
+    mapping = comfy.utils.unet_to_diffusers(TINY_COMFY_UNET_CONFIG)  # diffusers key -> ldm key
+    # (the mapping also lists conv_shortcut keys of res blocks whose channel
+    # count does not change; those simply do not exist in either model)
+    unmapped = sorted(set(diffusers_sd) - set(mapping))
+    if unmapped:
+        raise RuntimeError(f"diffusers keys without a ComfyUI mapping: {unmapped[:5]}")
+    return {mapping[k]: v.clone() for k, v in diffusers_sd.items()}
+
+
+def make_comfy_model(seed: int = 0):
+    """A ComfyUI MODEL (``ModelPatcher``) with exactly the weights of ``make_diffusers_unet(seed)``.
+
+    Built through ``comfy.supported_models.SD15`` (eps prediction, SD1.5
+    noise schedule, SD1.5 latent format) with the tiny ``unet_config``;
+    load and offload device are the CPU.
+    """
+    _require_comfy()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cpu = torch.device("cpu")
+    model_config = comfy.supported_models.SD15(TINY_COMFY_UNET_CONFIG)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=cpu)
+    sd = comfy_unet_state_dict(seed)
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"tiny unet load mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model = model.to(cpu).eval()
+    model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def make_comfy_clip(seed: int = 0):
+    """A tiny CLIP-L-layout text encoder (hidden 32, 2 layers, 2 heads) as ``comfy.sd.CLIP``.
+
+    Uses ComfyUI's shipped SD1 tokenizer (``comfy/sd1_tokenizer``), so long
+    prompts are chunked by 77 tokens: context shape ``(1, 77 * chunks, 32)``.
+    """
+    _require_comfy()
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    cpu = torch.device("cpu")
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    model_options = {
+        "clip_l_model_config": dict(TINY_CLIP_CONFIG),
+        "dtype": torch.float32,
+        "load_device": cpu,
+        "offload_device": cpu,
+        "initial_device": cpu,
+    }
+    clip = comfy.sd.CLIP(target=target, model_options=model_options)
+    init_weights_(clip.cond_stage_model, _generator(seed, "clip"))
+    return clip
+
+
+def _vae_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ae = AutoencoderKL(ddconfig=dict(TINY_VAE_DDCONFIG), embed_dim=LATENT_CHANNELS)
+    init_weights_(ae, _generator(seed, "vae"), gain=1.0)
+    return {k: v.detach().to(torch.float32).clone() for k, v in ae.state_dict().items()}
+
+
+_vae_sd_cache: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def make_comfy_vae(seed: int = 0):
+    """A tiny SD-VAE-layout ``comfy.sd.VAE`` (downscale 8, 4 latent channels, float32, CPU)."""
+    _require_comfy()
+    import comfy.sd
+
+    with _lock:
+        sd = _vae_sd_cache.get(seed)
+        if sd is None:
+            sd = _vae_state_dict(seed)
+            _vae_sd_cache[seed] = sd
+    config = {"params": {"ddconfig": dict(TINY_VAE_DDCONFIG), "embed_dim": LATENT_CHANNELS}}
+    sd = {k: v.clone() for k, v in sd.items()}
+    return comfy.sd.VAE(sd=sd, device=torch.device("cpu"), config=config, dtype=torch.float32)
+
+
+_ckpt_cache: dict[int, tuple] = {}
+
+
+def tiny_checkpoint(seed: int = 0):
+    """``(MODEL, CLIP, VAE)`` like CheckpointLoaderSimple returns.
+
+    The UNet and text encoder are built once per seed and cached; every call
+    returns clones (``ModelPatcher.clone()`` / ``CLIP.clone()``), so patches a
+    test adds never leak into other tests.  The VAE is rebuilt on every call
+    (cheap) from the cached weights.
+    """
+    with _lock:
+        cached = _ckpt_cache.get(seed)
+        if cached is None:
+            cached = (make_comfy_model(seed), make_comfy_clip(seed))
+            _ckpt_cache[seed] = cached
+        model, clip = cached
+        return model.clone(), clip.clone(), make_comfy_vae(seed)
