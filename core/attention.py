@@ -29,7 +29,7 @@ BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
 FastAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class AttentionSite:
     """Where an attention call happens, named as ComfyUI names UNet blocks.
 
@@ -46,6 +46,11 @@ class AttentionSite:
     @property
     def name(self) -> str:
         return f"{self.block}{self.block_id}.{self.index}.{self.kind}"
+
+    @property
+    def execution_order(self) -> tuple[int, int]:
+        """Sort key: layer by layer, self-attention before cross-attention, as a UNet runs them."""
+        return self.layer, 0 if self.kind == SELF else 1
 
 
 def sites_for_transformers(transformers: Iterable[tuple[str, int, int]]) -> list[AttentionSite]:

@@ -103,7 +103,7 @@ class DiffusersAttentionAdapter:
         self._original = None
 
     def site_list(self) -> list[AttentionSite]:
-        return sorted(self.sites.values())
+        return sorted(self.sites.values(), key=lambda s: s.execution_order)
 
     def install(self) -> "DiffusersAttentionAdapter":
         if self._original is not None:

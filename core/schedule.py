@@ -78,3 +78,28 @@ def step_index(sigma: float, schedule_sigmas) -> int:
         return 0
     count = sum(1 for s in values if s >= float(sigma) * (1.0 - 1e-4))
     return min(max(count - 1, 0), max(len(values) - 2, 0))
+
+
+def sigmas_of_schedule(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def timestep_from_sigma(sigma: float, alphas_cumprod: torch.Tensor) -> float:
+    """Fractional training timestep of `sigma`, interpolating log-sigma linearly (as k-diffusion does)."""
+    log_sigmas = sigmas_of_schedule(alphas_cumprod.double()).log()
+    target = torch.log(torch.tensor(float(sigma), dtype=torch.float64))
+    idx = int(torch.searchsorted(log_sigmas, target).clamp(1, len(log_sigmas) - 1))
+    lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
+    w = ((target - lo) / (hi - lo)).clamp(0, 1)
+    return float(idx - 1 + w)
+
+
+def uniform_sigmas(steps: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """`steps` sigmas at evenly spaced training timesteps from the last to the first, then 0."""
+    all_sigmas = sigmas_of_schedule(alphas_cumprod.double())
+    t = torch.linspace(len(all_sigmas) - 1, 0, steps, dtype=torch.float64)
+    lo = t.floor().long()
+    w = t - lo
+    hi = (lo + 1).clamp(max=len(all_sigmas) - 1)
+    log_s = (1 - w) * all_sigmas[lo].log() + w * all_sigmas[hi].log()
+    return torch.cat([log_s.exp(), torch.zeros(1, dtype=torch.float64)])

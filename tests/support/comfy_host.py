@@ -18,6 +18,7 @@ folder before anything is imported from it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
 import json
 import logging
@@ -154,7 +155,7 @@ def host_dirs() -> dict[str, pathlib.Path]:
     return dict(_state["dirs"])
 
 
-def boot_comfy(tmp_dir) -> Any:
+def boot_comfy(tmp_dir, cpu: bool = True) -> Any:
     """Import and initialise ComfyUI once per process (no pack loaded). Returns ComfyUI's ``nodes`` module.
 
     * CPU only (``comfy.cli_args.args.cpu = True`` before model_management is
@@ -178,17 +179,20 @@ def boot_comfy(tmp_dir) -> Any:
         if sys.pycache_prefix is None and not sys.dont_write_bytecode:
             sys.pycache_prefix = os.path.join(tempfile.gettempdir(), "comfy_host_pycache")
 
-        if "comfy.model_management" in sys.modules:
+        if cpu and "comfy.model_management" in sys.modules:
             mm = sys.modules["comfy.model_management"]
             if not mm.is_device_cpu(mm.get_torch_device()):
                 raise RuntimeError("comfy.model_management was imported before boot without --cpu")
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
+        # first on sys.path, so that ComfyUI's top-level modules (nodes,
+        # execution, utils, ...) win over same-named folders elsewhere
+        while str(path) in sys.path:
+            sys.path.remove(str(path))
+        sys.path.insert(0, str(path))
 
         import comfy.options  # noqa: F401  (args parsing stays disabled)
         from comfy.cli_args import args
 
-        args.cpu = True
+        args.cpu = cpu   # False only for the GPU benchmarks
         args.disable_api_nodes = True
 
         # ComfyUI's main.py imports its ``utils`` package before nodes.py puts
@@ -201,7 +205,7 @@ def boot_comfy(tmp_dir) -> Any:
 
         import comfy.model_management as mm
 
-        if not mm.is_device_cpu(mm.get_torch_device()):
+        if cpu and not mm.is_device_cpu(mm.get_torch_device()):
             raise RuntimeError("ComfyUI did not pick the CPU")
 
         import folder_paths
@@ -223,7 +227,29 @@ def boot_comfy(tmp_dir) -> Any:
         nodes.NODE_DISPLAY_NAME_MAPPINGS["TinyCheckpointLoader"] = "Tiny Checkpoint Loader (tests)"
 
         _state.update(booted=True, path=path, dirs=dirs)
+        atexit.register(_release_models)
         return nodes
+
+
+def _release_models():
+    """At exit, free cached models while ComfyUI's modules are still alive.
+
+    (Otherwise ModelPatcher.__del__ runs during interpreter teardown and
+    prints 'Exception ignored ... ON_DETACH'.)
+    """
+    try:
+        for name in (f"{__package__}.tiny_models" if __package__ else "", "tiny_models"):
+            mod = sys.modules.get(name) if name else None
+            if mod is not None and hasattr(mod, "clear_caches"):
+                mod.clear_caches()
+        mm = sys.modules.get("comfy.model_management")
+        if mm is not None:
+            mm.unload_all_models()
+        import gc
+
+        gc.collect()
+    except Exception:  # pragma: no cover - best effort at shutdown
+        pass
 
 
 class _LogCapture(logging.Handler):
@@ -265,20 +291,20 @@ def load_pack(pack_dir) -> Any:
         return nodes
 
 
-def _boot(tmp_dir, packs=(REPO_ROOT,)) -> Any:
-    boot_comfy(tmp_dir)
+def _boot(tmp_dir, packs=(REPO_ROOT,), cpu: bool = True) -> Any:
+    boot_comfy(tmp_dir, cpu=cpu)
     nodes = sys.modules["nodes"]
     for p in packs:
         nodes = load_pack(p)
     return nodes
 
 
-def boot(tmp_dir) -> Any:
+def boot(tmp_dir, cpu: bool = True) -> Any:
     """Boot ComfyUI (see ``boot_comfy``) and load THIS pack (``REPO_ROOT``) as a custom node.
 
     Idempotent. Returns ComfyUI's ``nodes`` module (``nodes.NODE_CLASS_MAPPINGS``...).
     """
-    return _boot(tmp_dir, packs=(REPO_ROOT,))
+    return _boot(tmp_dir, packs=(REPO_ROOT,), cpu=cpu)
 
 
 # ----------------------------------------------------------------------------
@@ -581,7 +607,10 @@ class RunResult:
 
 
 def _format_validation_error(error: dict, node_errors: dict) -> str:
-    lines = [f"{error.get('message', '')}: {error.get('details', '')}".rstrip(": ")]
+    if error:
+        lines = [f"{error.get('message', '')}: {error.get('details', '')}".rstrip(": ")]
+    else:
+        lines = ["some prompt outputs failed validation"]
     extra = error.get("extra_info") or {}
     if extra.get("node_id") is not None:
         lines.append(f"node #{extra.get('node_id')} ({extra.get('class_type')})")
@@ -596,7 +625,7 @@ async def _run_prompt_async(prompt: dict, extra_data: dict | None):
 
     prompt_id = str(uuid.uuid4())
     valid, error, good_outputs, node_errors = await execution.validate_prompt(prompt_id, prompt, None)
-    if not valid:
+    if not valid or node_errors:  # (partially invalid prompts are failures too)
         raise HostError(_format_validation_error(error or {}, node_errors), {"error": error, "node_errors": node_errors})
 
     server = _FakeServer()

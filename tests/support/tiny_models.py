@@ -49,6 +49,7 @@ __all__ = [
     "make_comfy_clip",
     "make_comfy_vae",
     "tiny_checkpoint",
+    "clear_caches",
 ]
 
 CONTEXT_DIM = 32
@@ -348,3 +349,11 @@ def tiny_checkpoint(seed: int = 0):
             _ckpt_cache[seed] = cached
         model, clip = cached
         return model.clone(), clip.clone(), make_comfy_vae(seed)
+
+
+def clear_caches() -> None:
+    """Drop every cached weight / model (the next call rebuilds them)."""
+    with _lock:
+        _unet_sd_cache.clear()
+        _vae_sd_cache.clear()
+        _ckpt_cache.clear()

@@ -1,0 +1,168 @@
+"""GPU benchmark: each method's time and peak memory against the floor of plain sampling.
+
+Full-size SD1.5 UNet layout through ComfyUI (random weights: speed and memory do not depend on them),
+fp16, 512x512, 50 steps, CFG (batch 2). The floor of a row is the number of UNet evaluations the method
+cannot avoid times the time of one plain UNet evaluation at the same batch, measured in the same run.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench.py            # GPU, full size
+    python benchmarks/bench.py --tiny                                   # CPU smoke run of the script itself
+
+Each method issue adds its rows to ROWS below.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_sd15(device, dtype, config=SD15_UNET_CONFIG, seed=0):
+    """A ModelPatcher with the SD1.5 UNet layout and seeded random weights (ComfyUI does not initialise)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    model_config = comfy.supported_models.SD15(dict(config))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, "", device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif p.ndim >= 2:
+                p.normal_(0, 1.0 / p[0].numel() ** 0.5, generator=g)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    model.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=torch.device("cpu"))
+
+
+class Bench:
+    def __init__(self, model, device, latent_hw, context_dim, steps):
+        self.model, self.device, self.latent_hw, self.steps = model, device, latent_hw, steps
+        g = torch.Generator().manual_seed(0)
+        self.positive = [[torch.randn(1, 77, context_dim, generator=g), {}]]
+        self.negative = [[torch.randn(1, 77, context_dim, generator=g), {}]]
+
+    def unet_eval(self, batch, repeats=20):
+        """Median seconds of one UNet evaluation at `batch`."""
+        import comfy.model_management
+        comfy.model_management.load_models_gpu([self.model])
+        inner = self.model.model
+        dtype = self.model.model_dtype()
+        x = torch.randn(batch, 4, *self.latent_hw, device=self.device, dtype=dtype)
+        sigma = torch.full((batch,), 5.0, device=self.device)
+        ctx = torch.randn(batch, 77, self.positive[0][0].shape[-1], device=self.device, dtype=dtype)
+        times = []
+        with torch.no_grad():
+            for i in range(repeats + 3):
+                sync(self.device)
+                t = time.perf_counter()
+                inner.apply_model(x, sigma, c_crossattn=ctx)
+                sync(self.device)
+                if i >= 3:
+                    times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def sample(self, model=None, sampler="euler", cfg=7.5, batch=1, repeats=2):
+        """(median seconds, peak bytes) of a full ComfyUI sampling run (the KSampler path)."""
+        import comfy.sample
+        model = model or self.model
+        latent = torch.zeros(batch, 4, *self.latent_hw)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        times, peak = [], 0
+        for i in range(repeats + 1):
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            sync(self.device)
+            t = time.perf_counter()
+            comfy.sample.sample(model, noise, self.steps, cfg, sampler, "normal", self.positive, self.negative,
+                                latent, seed=0, disable_pbar=True)
+            sync(self.device)
+            if i >= 1:
+                times.append(time.perf_counter() - t)
+            if self.device.type == "cuda":
+                peak = max(peak, torch.cuda.max_memory_allocated(self.device))
+        return statistics.median(times), peak
+
+
+def rows_foundation(bench: Bench, pack):
+    """Plain sampling, the mechanism with a controller that does nothing, and attention-map capture."""
+    from editkit.core.attention import AttentionController
+    from editkit.core.capture import AttentionMapCapture
+    from editkit.nodes.comfy_attention import attach_controller as attach
+    t_eval2 = bench.unet_eval(2)
+    floor = bench.steps * t_eval2
+    yield "one UNet evaluation, batch 2", t_eval2, None, t_eval2, 1
+    for name, model in (("plain sampling, euler, CFG", bench.model),
+                        ("mechanism installed, no-op controller", attach(bench.model, AttentionController())),
+                        ("attention-map capture (cross, <=32x32)", attach(bench.model, AttentionMapCapture()))):
+        t, peak = bench.sample(model)
+        yield name, t, peak, floor, bench.steps
+
+
+ROWS = [rows_foundation]
+
+
+def boot(cpu: bool):
+    from support import comfy_host
+    comfy_host.boot(pathlib.Path(tempfile.mkdtemp(prefix="editkit-bench-")), cpu=cpu)
+    from support.pack import import_pack
+    return import_pack()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels")
+    args = parser.parse_args()
+    cpu = args.tiny or not torch.cuda.is_available()
+    pack = boot(cpu)
+    import comfy.model_management
+    device = comfy.model_management.get_torch_device()
+    if args.tiny:
+        from support.tiny_models import CONTEXT_DIM, make_comfy_model
+        model, context_dim = make_comfy_model(seed=0), CONTEXT_DIM
+        size, steps = args.size or 64, args.steps or 10
+        label = "tiny SD1.5-layout UNet, CPU, float32 (script check only: not a speed figure)"
+    else:
+        model, context_dim = build_sd15(device, torch.float16), 768
+        size, steps = args.size or 512, args.steps or 50
+        label = f"SD1.5 UNet layout, random weights, fp16, {torch.cuda.get_device_name(device)}"
+    bench = Bench(model, device, (size // 8, size // 8), context_dim, steps)
+    print(f"# {label}; {size}x{size}, {steps} steps; torch {torch.__version__}")
+    print(f"| {'row':44} | {'time s':>8} | {'floor s':>8} | {'x floor':>7} | {'UNet evals':>10} | {'peak GiB':>8} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 12}|{'-' * 10}|")
+    for rows in ROWS:
+        for name, t, peak, floor, evals in rows(bench, pack):
+            peak_s = f"{peak / 2**30:8.2f}" if peak else f"{'-':>8}"
+            print(f"| {name:44} | {t:8.3f} | {floor:8.3f} | {t / floor:7.2f} | {evals:10d} | {peak_s} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

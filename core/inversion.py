@@ -1,0 +1,196 @@
+"""Real-image inversion: DDIM inversion, null-text optimisation, negative-prompt inversion, direct inversion.
+
+Everything runs in the sigma parameterisation of the host (x = x_0 + sigma eps, see schedule.py), on a
+descending schedule sigmas[0] > ... > sigmas[N] (the last usually 0). Step i of sampling goes from
+sigmas[i] to sigmas[i+1]; the inversion trajectory `latents[i]` is the latent at sigmas[i], so
+latents[N] is the clean input and latents[0] the noised latent sampling starts from.
+
+The model is a callable `eps_fn(x, sigma, contexts) -> eps` evaluating the noise prediction of a batch
+`x` (one row per context) at noise level `sigma`.
+
+Methods:
+- DDIM inversion (Song et al. 2021; as used by Mokady et al. 2023): each step reuses the noise predicted
+  at the less noisy latent, evaluated at the higher timestep, guidance 1.
+- Null-text inversion (Mokady et al. 2023, Alg. 1): per step, optimise the unconditional embedding so the
+  guided step from the current latent lands on the inversion trajectory.
+- Negative-prompt inversion (Miyake et al. 2023): the source prompt replaces the unconditional
+  embedding; no optimisation.
+- Direct inversion (Ju et al. 2023): keep the trajectory and pull the source branch back onto it at every
+  step; reconstruction is exact by construction (see `direct_denoised`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+EpsFn = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None]
+
+MODES = ("ddim", "null_text", "negative_prompt", "direct")
+
+
+@dataclass
+class NullTextSettings:
+    """Reference values of Mokady et al. 2023 (their code: 10 inner Adam steps, lr 1e-2 * (1 - i / 100),
+    stop once the loss is below 1e-5 + i * 2e-5 at step i)."""
+    inner_steps: int = 10
+    learning_rate: float = 1e-2
+    lr_decay: float = 0.01
+    early_stop: float = 1e-5
+    early_stop_growth: float = 2e-5
+
+
+@dataclass
+class Inversion:
+    """What editing nodes need to drive a source branch: schedule, trajectory, per-step null embeddings."""
+    mode: str
+    sigmas: torch.Tensor                          # (N + 1,) descending
+    latents: torch.Tensor                         # (N + 1, C, H, W) latents[i] at sigmas[i]
+    guidance: float
+    uncond_embeddings: torch.Tensor | None = None  # (N, T, D) null-text only: per sampling step
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.shape[0] - 1
+
+    @property
+    def noised(self) -> torch.Tensor:
+        return self.latents[0]
+
+
+def inversion_model_input(x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+    """Present a latent at noise `sigma_from` to the model as if at `sigma_to`, keeping the UNet's input.
+
+    The host scales its input by 1 / sqrt(sigma^2 + 1); DDIM inversion (Mokady et al.) feeds the UNet the
+    less noisy latent with the higher timestep, so the latent is rescaled to keep the UNet's input equal to
+    the unscaled latent of the paper's parameterisation.
+    """
+    return x * ((sigma_to ** 2 + 1) / (sigma_from ** 2 + 1)) ** 0.5
+
+
+def _sd_scale(sigma: float) -> float:
+    """Factor from sigma space to the sqrt(a) x_0 + sqrt(1-a) eps space, where the papers' losses live."""
+    return 1.0 / (sigma * sigma + 1.0) ** 0.5
+
+
+@torch.no_grad()
+def ddim_invert(eps_fn: EpsFn, x0: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
+                progress: Progress | None = None) -> torch.Tensor:
+    """DDIM inversion trajectory (guidance 1): tensor (N + 1, C, H, W), [N] = x0, [0] = the noised latent."""
+    sig = [float(s) for s in sigmas]
+    n = len(sig) - 1
+    latents = [None] * (n + 1)
+    latents[n] = x0
+    x = x0
+    for k, i in enumerate(range(n - 1, -1, -1)):
+        eps = eps_fn(inversion_model_input(x, sig[i + 1], sig[i])[None], sig[i], context)[0]
+        x = x + (sig[i] - sig[i + 1]) * eps
+        latents[i] = x
+        if progress:
+            progress(k + 1, n)
+    return torch.stack(latents)
+
+
+def guided_eps(eps_fn: EpsFn, x: torch.Tensor, sigma: float, cond: torch.Tensor, uncond: torch.Tensor,
+               guidance: float) -> torch.Tensor:
+    """Classifier-free guidance with the conditional and unconditional passes batched into one call."""
+    if guidance == 1.0:
+        return eps_fn(x[None], sigma, cond)[0]
+    eps_c, eps_u = eps_fn(torch.stack([x, x]), sigma, torch.cat([cond, uncond])).unbind(0)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def euler_step(x: torch.Tensor, eps: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """DDIM (eta 0) in sigma space."""
+    return x + (sigma_next - sigma) * eps
+
+
+def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
+                       uncond: torch.Tensor, guidance: float, settings: NullTextSettings = NullTextSettings(),
+                       progress: Progress | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-step unconditional embeddings so guided DDIM from latents[0] follows the inversion trajectory.
+
+    Returns (embeddings (N, T, D), stats). The conditional prediction of each step is computed once; each
+    inner step costs one unconditional forward and backward (gradients flow to the embedding only).
+    """
+    sig = [float(s) for s in sigmas]
+    n = len(sig) - 1
+    embedding = uncond.detach().clone()
+    x = latents[0]
+    out, losses, inner_total = [], [], 0
+    for i in range(n):
+        target = latents[i + 1]
+        scale = _sd_scale(sig[i + 1])
+        with torch.no_grad():
+            eps_c = eps_fn(x[None], sig[i], cond)[0]
+        embedding = embedding.detach().requires_grad_(True)
+        optimiser = torch.optim.Adam([embedding], lr=settings.learning_rate * (1.0 - settings.lr_decay * i))
+        threshold = settings.early_stop + settings.early_stop_growth * i
+        loss_value = float("nan")
+        for _ in range(settings.inner_steps):
+            eps_u = eps_fn(x[None], sig[i], embedding)[0]
+            eps = eps_u + guidance * (eps_c - eps_u)
+            pred = euler_step(x, eps, sig[i], sig[i + 1])
+            loss = torch.nn.functional.mse_loss((pred * scale).float(), (target * scale).float())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            inner_total += 1
+            loss_value = loss.item()
+            if loss_value < threshold:
+                break
+        embedding = embedding.detach()
+        out.append(embedding[0].clone())
+        losses.append(loss_value)
+        with torch.no_grad():
+            eps_u = eps_fn(x[None], sig[i], embedding)[0]
+            x = euler_step(x, eps_u + guidance * (eps_c - eps_u), sig[i], sig[i + 1])
+        if progress:
+            progress(i + 1, n)
+    return torch.stack(out), {"losses": losses, "inner_steps": inner_total}
+
+
+def direct_denoised(latents: torch.Tensor, sigmas: Sequence[float], step: int) -> torch.Tensor:
+    """The denoised prediction that moves a first-order step from latents[step] exactly onto latents[step+1].
+
+    Returning it for the source rows at step `step` makes Euler / DDIM land on the trajectory, and any
+    sampler whose last step returns the denoised prediction end exactly on latents[N] (the input).
+    """
+    s, s_next = float(sigmas[step]), float(sigmas[step + 1])
+    x, x_next = latents[step], latents[step + 1]
+    if s_next == 0.0:
+        return x_next
+    # x_next = x + (s_next - s) (x - D) / s  =>  D = x - s (x_next - x) / (s_next - s)
+    return x - s * (x_next - x) / (s_next - s)
+
+
+def reconstruct(eps_fn: EpsFn, inversion: Inversion, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """Sample back from the noised latent with the source prompt, DDIM (Euler in sigma space).
+
+    ddim: guidance as given with `uncond`; null_text: the optimised per-step embeddings; negative_prompt:
+    the source prompt as the unconditional; direct: the trajectory itself.
+    """
+    sig = [float(s) for s in inversion.sigmas]
+    x = inversion.noised
+    for i in range(inversion.steps):
+        if inversion.mode == "direct":
+            d = direct_denoised(inversion.latents, sig, i)
+            x = d if sig[i + 1] == 0 else x + (sig[i + 1] - sig[i]) * (x - d) / sig[i]
+            continue
+        null = unconditional_for_step(inversion, i, cond, uncond)
+        with torch.no_grad():
+            eps = guided_eps(eps_fn, x, sig[i], cond, null, inversion.guidance)
+        x = euler_step(x, eps, sig[i], sig[i + 1])
+    return x
+
+
+def unconditional_for_step(inversion: Inversion, step: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """The unconditional embedding the inversion prescribes at sampling step `step`."""
+    if inversion.mode == "null_text":
+        return inversion.uncond_embeddings[step][None].to(cond.dtype)
+    if inversion.mode == "negative_prompt":
+        return cond
+    return uncond

@@ -1,0 +1,84 @@
+"""Inversion on the tiny diffusers UNet: reconstruction errors of each mode."""
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from editkit.core import schedule
+from editkit.core.inversion import (Inversion, NullTextSettings, ddim_invert, direct_denoised, null_text_optimise,
+                                    reconstruct)
+from support.tiny_models import make_diffusers_unet
+
+STEPS = 8
+ALPHAS = schedule.sd_alphas_cumprod()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    unet = make_diffusers_unet(seed=0)
+
+    def eps_fn(x, sigma, context):
+        t = schedule.timestep_from_sigma(sigma, ALPHAS)
+        with torch.set_grad_enabled(context.requires_grad):
+            return unet(x / (sigma ** 2 + 1) ** 0.5, t, encoder_hidden_states=context.expand(x.shape[0], -1, -1)
+                        if context.shape[0] == 1 else context).sample
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 8, 8, generator=g) * 0.8
+    cond = torch.randn(1, 77, 32, generator=g)
+    uncond = torch.randn(1, 77, 32, generator=g)
+    sigmas = schedule.uniform_sigmas(STEPS, ALPHAS).float()
+    latents = ddim_invert(eps_fn, x0, sigmas, cond)
+    return eps_fn, x0, cond, uncond, sigmas, latents
+
+
+def _err(a, b):
+    return (a - b).pow(2).mean().item()
+
+
+def test_uniform_sigmas_are_the_schedule_at_evenly_spaced_timesteps():
+    s = schedule.uniform_sigmas(3, ALPHAS)
+    all_s = schedule.sigmas_of_schedule(ALPHAS)
+    assert torch.allclose(s[[0, 2, 3]], torch.stack([all_s[999], all_s[0], torch.tensor(0.0, dtype=torch.float64)]))
+    assert abs(schedule.timestep_from_sigma(float(all_s[500]), ALPHAS) - 500) < 1e-6
+
+
+def test_trajectory_shape_and_end_points(setup):
+    eps_fn, x0, cond, uncond, sigmas, latents = setup
+    assert latents.shape == (STEPS + 1, 4, 8, 8)
+    assert torch.equal(latents[-1], x0)
+    assert latents[0].std() > 3 * x0.std()     # noised up to sigma_max ~ 14.6
+
+
+def test_direct_inversion_reconstructs_exactly(setup):
+    eps_fn, x0, cond, uncond, sigmas, latents = setup
+    inv = Inversion("direct", sigmas, latents, guidance=7.5)
+    assert (reconstruct(eps_fn, inv, cond, uncond) - x0).abs().max() < 1e-5
+    # each step lands on the trajectory
+    for i in range(STEPS - 1):
+        d = direct_denoised(latents, sigmas, i)
+        s, s1 = float(sigmas[i]), float(sigmas[i + 1])
+        assert torch.allclose(latents[i] + (s1 - s) * (latents[i] - d) / s, latents[i + 1], atol=1e-4)
+
+
+def test_null_text_beats_ddim_under_guidance(setup):
+    eps_fn, x0, cond, uncond, sigmas, latents = setup
+    ddim_err = _err(reconstruct(eps_fn, Inversion("ddim", sigmas, latents, 7.5), cond, uncond), x0)
+    embeddings, stats = null_text_optimise(eps_fn, latents, sigmas, cond, uncond, 7.5, NullTextSettings())
+    assert embeddings.shape == (STEPS, 77, 32)
+    null_err = _err(reconstruct(eps_fn, Inversion("null_text", sigmas, latents, 7.5, embeddings), cond, uncond), x0)
+    print(f"reconstruction MSE at guidance 7.5: DDIM {ddim_err:.3e}, null-text {null_err:.3e}")
+    assert null_err < 0.5 * ddim_err
+    assert 0 < stats["inner_steps"] <= STEPS * 10
+
+
+def test_negative_prompt_inversion_needs_no_optimisation(setup):
+    eps_fn, x0, cond, uncond, sigmas, latents = setup
+    inv = Inversion("negative_prompt", sigmas, latents, 7.5)
+    rec = reconstruct(eps_fn, inv, cond, uncond)
+    assert inv.uncond_embeddings is None
+    # the source prompt takes the unconditional's place, so guidance cancels out
+    same = reconstruct(eps_fn, Inversion("ddim", sigmas, latents, 7.5), cond, cond)
+    assert torch.equal(rec, same)
+    plain = reconstruct(eps_fn, Inversion("ddim", sigmas, latents, 1.0), cond, uncond)
+    assert (rec - plain).abs().max() < 1e-4 * plain.abs().max()
