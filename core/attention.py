@@ -113,6 +113,7 @@ class RunState:
     def __init__(self, controllers: Sequence["AttentionController"] = ()):
         self._slots = {id(c): c.new_run_state() for c in controllers}
         self._controllers = list(controllers)
+        self.host: dict = {}   # the adapter's own per-run cache (e.g. the step of the current evaluation)
 
     def of(self, controller: "AttentionController"):
         key = id(controller)

@@ -96,16 +96,40 @@ class SitePatch:
         return self
 
 
+def _step_of(run: RunState, sigmas, schedule) -> tuple[int, int, float | None]:
+    """(step, steps, sigma) of a model evaluation; reads the GPU, so it runs once per evaluation."""
+    if sigmas is None:
+        return 0, 1, None
+    sigma = float(sigmas.flatten()[0])
+    if schedule is None:
+        return 0, 1, sigma
+    values = run.host.get("schedule")
+    if values is None or values[0] is not schedule:
+        values = (schedule, [float(v) for v in schedule.tolist()])
+        run.host["schedule"] = values
+    return step_index(sigma, values[1]), max(len(values[1]) - 1, 1), sigma
+
+
+def _current_step(run: RunState, extra_options: dict) -> tuple[int, int, float | None]:
+    """The step of the evaluation in progress, computed once per evaluation and cached on the run.
+
+    Reading a GPU tensor synchronises the device; doing it in every attention call would stall the
+    launch queue 32 times per UNet pass. The cache keeps the `sigmas` tensor itself (every attention call
+    of one pass shares it), so a freed tensor's id can never be mistaken for a new one.
+    """
+    sigmas = extra_options.get("sigmas")
+    cached = run.host.get("step")
+    if cached is not None and cached[0] is sigmas:
+        return cached[1]
+    result = _step_of(run, sigmas, extra_options.get("sample_sigmas"))
+    run.host["step"] = (sigmas, result)
+    return result
+
+
 def call_from_options(site: AttentionSite, q, extra_options: dict, run: RunState) -> AttentionCall:
     shape = extra_options.get("activations_shape")
     grid = (int(shape[-2]), int(shape[-1])) if shape is not None else (q.shape[1], 1)
-    schedule = extra_options.get("sample_sigmas")
-    sigmas = extra_options.get("sigmas")
-    sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
-    if schedule is not None and sigma is not None:
-        step, num_steps = step_index(sigma, schedule), max(len(schedule) - 1, 1)
-    else:
-        step, num_steps = 0, 1
+    step, num_steps, sigma = _current_step(run, extra_options)
     layout = BatchLayout.from_cond_or_uncond(extra_options.get("cond_or_uncond"), q.shape[0])
     return AttentionCall(site=site, heads=extra_options["n_heads"], step=step, num_steps=num_steps, grid=grid,
                          layout=layout, run=run, sigma=sigma)
@@ -127,6 +151,15 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         options.pop(RUN_KEY, None)
         run.finish(ok)
+
+
+def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
+    """Find the step before the UNet pass starts, so no attention call has to read the GPU."""
+    run = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is not None:
+        schedule = model_options["transformer_options"].get("sample_sigmas")
+        run.host["step"] = (timestep, _step_of(run, timestep, schedule))
+    return executor(x, timestep, model_options, seed)
 
 
 def attach_controller(model_patcher, controller: AttentionController):
@@ -152,9 +185,10 @@ def attach_controller(model_patcher, controller: AttentionController):
             patched.set_model_attn2_replace(patch, site.block, site.block_id, site.index)
     # set_model_*_replace rebuilds the transformer_options dict: store the controls in the final one
     patched.model_options["transformer_options"][CONTROLS_KEY] = controls
-    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                     _outer_sample_wrapper)
+    wrappers = comfy.patcher_extension.WrappersMP
+    if not patched.get_wrappers(wrappers.OUTER_SAMPLE, WRAPPER_KEY):
+        patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
+        patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
     return patched
 
 
