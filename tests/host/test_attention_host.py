@@ -193,3 +193,18 @@ def test_unknown_word_is_a_clear_error(host):
         comfy_host.run_prompt(prompt)
     assert "'dog' is not in the prompt" in str(e.value)
     assert "a, photo, of, a, cat, sitting, on, a, wooden, table" in str(e.value)
+
+
+def test_queued_prompts_with_different_controllers_do_not_share_state(host):
+    """Prompt A, then prompt B with another capture setting and text, then A again: A is unchanged."""
+    first = _workflow_prompt()
+    mask_node = _node_of(first, "EditKitAttentionMapsToMask")
+    a1 = comfy_host.run_prompt(first).outputs[mask_node][0]
+    other = _workflow_prompt()
+    other[_node_of(other, "EditKitCaptureAttentionMaps")]["inputs"]["end_at"] = 0.5
+    text = other[_node_of(other, "PrimitiveStringMultiline")]["inputs"]
+    text["value"] = "a wooden table under a cat in a garden"
+    b = comfy_host.run_prompt(other).outputs[mask_node][0]
+    a2 = comfy_host.run_prompt(_workflow_prompt()).outputs[mask_node][0]
+    assert not torch.allclose(a1, b)
+    assert torch.equal(a1, a2)
