@@ -50,6 +50,8 @@ class Inversion:
     latents: torch.Tensor                         # (N + 1, C, H, W) latents[i] at sigmas[i]
     guidance: float
     uncond_embeddings: torch.Tensor | None = None  # (N, T, D) null-text only: per sampling step
+    source_context: torch.Tensor | None = None     # (1, T, D) the source prompt's encoding
+    negative_context: torch.Tensor | None = None   # (1, T, D) the unconditional encoding inverted with
     metadata: dict = field(default_factory=dict)
 
     @property

@@ -5,9 +5,10 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .attention_maps import NODES as ATTENTION_MAP_NODES
+from .inversion import NODES as INVERSION_NODES
 
 
 class EditKitExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*ATTENTION_MAP_NODES]
+        return [*ATTENTION_MAP_NODES, *INVERSION_NODES]

@@ -1,0 +1,271 @@
+"""Nodes: invert a real photo (NullTextInvert) and sample from the inversion with any deterministic sampler.
+
+The inversion runs on ComfyUI's own schedule (the model's sigmas through a ComfyUI scheduler) and returns
+the noised LATENT, the INVERSION and the SIGMAS; `Inversion Guider` is a GUIDER for SamplerCustomAdvanced
+that reproduces the inversion's unconditional branch at each step (see core/inversion.py).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..core.inversion import (MODES, Inversion, NullTextSettings, ddim_invert, direct_denoised, null_text_optimise)
+from ..core.schedule import step_index
+
+CATEGORY = "EditKit/inversion"
+InversionType = io.Custom("EDITKIT_INVERSION")
+
+
+def _unet_model(model):
+    inner = model.model
+    if not isinstance(inner.model_sampling, comfy.model_sampling.EPS) or not hasattr(inner, "diffusion_model") \
+            or not hasattr(inner.diffusion_model, "input_blocks"):
+        raise ValueError(f"model: inversion needs an SD 1.x / SD 2.x UNet (noise or v prediction); got "
+                         f"{type(inner).__name__} with {type(inner.model_sampling).__name__} sampling")
+    if getattr(inner, "adm_channels", 0):
+        raise ValueError("model: SDXL-style models (pooled text conditioning) are not supported by the "
+                         "inversion yet; use an SD 1.x or SD 2.x checkpoint")
+    return inner
+
+
+def conditioning_context(conditioning, name: str) -> torch.Tensor:
+    if not conditioning or not isinstance(conditioning[0], (list, tuple)) or not torch.is_tensor(conditioning[0][0]):
+        raise ValueError(f"{name}: expected a CONDITIONING from a text encoder (e.g. CLIPTextEncode)")
+    context = conditioning[0][0]
+    if context.ndim != 3 or context.shape[0] != 1:
+        raise ValueError(f"{name}: expected one prompt encoding of shape (1, tokens, width), got {tuple(context.shape)}")
+    return context
+
+
+def _check_context(inner, context, name):
+    width = inner.model_config.unet_config.get("context_dim")
+    if width is not None and context.shape[-1] != width:
+        raise ValueError(f"{name}: the text encoding is {context.shape[-1]} wide but this model's cross-attention "
+                         f"expects {width}; encode the prompt with the CLIP of the same checkpoint")
+
+
+class ComfyEps:
+    """eps(x, sigma, context) of a ComfyUI model (sigma space), differentiable in the context."""
+
+    def __init__(self, model):
+        comfy.model_management.load_models_gpu([model])
+        self.inner = model.model
+        self.device = model.load_device
+        self.options = model.model_options.get("transformer_options", {})
+
+    def __call__(self, x, sigma, context):
+        batch = x.shape[0]
+        if context.shape[0] != batch:
+            context = context.expand(batch, -1, -1)
+        s = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
+        denoised = self.inner.apply_model(x, s, c_crossattn=context.to(self.device), transformer_options=self.options)
+        return (x - denoised.to(x.dtype)) / float(sigma)
+
+
+@contextlib.contextmanager
+def autograd_usable_weights(module: torch.nn.Module):
+    """Temporarily give `module` ordinary copies of weights that were created in inference mode.
+
+    ComfyUI runs nodes under torch.inference_mode, so a model loaded by a node holds inference tensors,
+    which autograd refuses to save for a backward pass (needed here for gradients w.r.t. the null-text
+    embedding). The copies cost one extra set of weights while they exist; the originals are put back.
+    """
+    swapped = []
+    try:
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    swapped.append((sub, name, p))
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+        yield
+    finally:
+        for sub, name, p in swapped:
+            sub._parameters[name] = p
+
+
+class NullTextInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitNullTextInvert",
+            display_name="Invert Image (Null-text / DDIM)",
+            category=CATEGORY,
+            description="Turns a photo's latent into the noise that regenerates it, so the photo can be edited. "
+                        "direct: exact reconstruction, fastest (Ju et al. 2023); null_text: optimises the "
+                        "unconditional embedding per step (Mokady et al. 2023); negative_prompt: the source prompt "
+                        "as negative, no optimisation (Miyake et al. 2023); ddim: plain DDIM inversion.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD 1.x / 2.x model. Not modified."),
+                io.Conditioning.Input("positive", tooltip="The source prompt: a description of the photo."),
+                io.Conditioning.Input("negative", tooltip="Usually an empty prompt: the unconditional encoding "
+                                                          "(null-text starts its optimisation from it)."),
+                io.Latent.Input("latent", tooltip="The photo through VAE Encode (one image)."),
+                io.Combo.Input("mode", options=list(MODES), default="direct",
+                               tooltip="Inversion method; see the node description."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps of the inversion; sample "
+                                                                           "with the SIGMAS output."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
+                               tooltip="ComfyUI scheduler for the schedule (ddim_uniform is DDIM's)."),
+                io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
+                               tooltip="The CFG scale the edit will be sampled with (null-text optimises for it)."),
+                io.Int.Input("inner_steps", default=10, min=0, max=100,
+                             tooltip="null_text: Adam steps per sampling step (paper: 10)."),
+                io.Float.Input("learning_rate", default=0.01, min=0.0, max=1.0, step=0.001,
+                               tooltip="null_text: Adam learning rate at the first step, decaying along the steps."),
+                io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6,
+                               tooltip="null_text: stop a step's optimisation when the loss is below this (plus "
+                                       "2e-5 per step)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="noised_latent", tooltip="Start latent for the sampler (disable its "
+                                                                       "noise: DisableNoise / add_noise off)."),
+                InversionType.Output(display_name="inversion", tooltip="For Inversion Guider and editing nodes."),
+                io.Sigmas.Output(display_name="sigmas", tooltip="The inversion's schedule: sample with it."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, mode, steps, scheduler, guidance, inner_steps,
+                learning_rate, early_stop) -> io.NodeOutput:
+        inner = _unet_model(model)
+        samples = latent["samples"]
+        if samples.ndim != 4 or samples.shape[0] != 1:
+            raise ValueError(f"latent: invert one image at a time; got a batch of {samples.shape[0]}"
+                             if samples.ndim == 4 else f"latent: expected an image latent, got shape {tuple(samples.shape)}")
+        channels = inner.latent_format.latent_channels
+        if samples.shape[1] != channels:
+            raise ValueError(f"latent: {samples.shape[1]} channels but this model's latents have {channels}; "
+                             f"encode the photo with this checkpoint's VAE")
+        if steps < 1:
+            raise ValueError("steps: must be at least 1")
+        if mode not in MODES:
+            raise ValueError(f"mode: '{mode}' is not one of {', '.join(MODES)}")
+        cond = conditioning_context(positive, "positive")
+        uncond = conditioning_context(negative, "negative")
+        _check_context(inner, cond, "positive")
+        _check_context(inner, uncond, "negative")
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).float().cpu()
+
+        eps = ComfyEps(model)
+        total = steps * (2 if mode == "null_text" else 1)
+        bar = comfy.utils.ProgressBar(total)
+        with torch.inference_mode(False):
+            x0 = inner.process_latent_in(samples.clone()).to(eps.device, torch.float32)[0]
+            cond_d = cond.clone().to(eps.device)
+            uncond_d = uncond.clone().to(eps.device)
+            sig = sigmas.clone()
+            latents = ddim_invert(eps, x0, sig, cond_d, progress=lambda i, n: bar.update_absolute(i, total))
+            embeddings, stats = None, {}
+            if mode == "null_text":
+                settings = NullTextSettings(inner_steps=inner_steps, learning_rate=learning_rate, early_stop=early_stop)
+                with torch.enable_grad(), autograd_usable_weights(inner.diffusion_model):
+                    embeddings, stats = null_text_optimise(
+                        eps, latents, sig, cond_d, uncond_d, guidance, settings,
+                        progress=lambda i, n: bar.update_absolute(steps + i, total))
+                embeddings = embeddings.cpu()
+            latents = latents.cpu()
+        inversion = Inversion(mode=mode, sigmas=sigmas, latents=latents, guidance=guidance,
+                              uncond_embeddings=embeddings, source_context=cond.clone().cpu(),
+                              negative_context=uncond.clone().cpu(),
+                              metadata={"scheduler": scheduler, **{k: v for k, v in stats.items() if k != "losses"}})
+        noised = {"samples": inner.process_latent_out(latents[0:1].clone())}
+        return io.NodeOutput(noised, inversion, sigmas.clone())
+
+
+DETERMINISTIC_HINT = "euler, ddim, dpmpp_2m, heun, lms, deis, uni_pc"
+
+
+def check_deterministic_sampler(sampler):
+    name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+    if "ancestral" in name or "sde" in name or name.endswith("_cfg_pp_ancestral"):
+        raise ValueError(f"sampler: '{name.replace('sample_', '')}' adds fresh noise at every step, so it cannot "
+                         f"retrace an inversion; use a deterministic sampler ({DETERMINISTIC_HINT})")
+
+
+class InversionCFGGuider(comfy.samplers.CFGGuider):
+    """CFG that reproduces the inversion: the unconditional branch of each step is the one the inversion
+    prescribes (null-text embedding of that step, the source prompt, or the negative it was inverted with),
+    and rows whose prompt is the source prompt follow the stored trajectory exactly in direct mode."""
+
+    def __init__(self, model_patcher, inversion: Inversion, positive, cfg: float):
+        super().__init__(model_patcher)
+        self.inversion = inversion
+        self.schedule = [float(s) for s in inversion.sigmas]
+        negative = [[inversion.negative_context, {}]]
+        source = [[inversion.source_context, {}]]
+        self.inner_set_conds({"positive": positive, "negative": negative, "source": source})
+        self.set_cfg(cfg)
+        self.follows_source = torch.equal(conditioning_context(positive, "positive").cpu().float(),
+                                          inversion.source_context.float())
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        check_deterministic_sampler(sampler)
+        if sigmas.shape[-1] != len(self.schedule) or not torch.allclose(
+                sigmas.float().cpu(), self.inversion.sigmas.float(), rtol=1e-4, atol=1e-6):
+            raise ValueError(f"sigmas: sample with the schedule the inversion used ({len(self.schedule) - 1} steps); "
+                             f"connect the 'sigmas' output of the inversion node")
+        return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+
+    def _negative_for_step(self, step: int):
+        mode = self.inversion.mode
+        if mode == "negative_prompt":
+            return self.conds["source"]
+        if mode == "null_text":
+            embedding = self.inversion.uncond_embeddings[step][None]
+            out = []
+            for c in self.conds["negative"]:
+                c = c.copy()
+                model_conds = dict(c["model_conds"])
+                template = model_conds["c_crossattn"]
+                model_conds["c_crossattn"] = template._copy_with(embedding.to(template.cond.device, template.cond.dtype))
+                c["model_conds"] = model_conds
+                out.append(c)
+            return out
+        return self.conds["negative"]
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        step = min(step_index(float(timestep.flatten()[0]), self.schedule), len(self.schedule) - 2)
+        if self.inversion.mode == "direct" and self.follows_source:
+            latents = self.inversion.latents
+            target = direct_denoised(latents, self.schedule, step).to(x.device, x.dtype)
+            return target[None].expand_as(x).clone()
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self._negative_for_step(step),
+                                                self.conds.get("positive"), self.cfg, model_options=model_options,
+                                                seed=seed)
+
+
+class InversionGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitInversionGuider",
+            display_name="Inversion Guider",
+            category=CATEGORY,
+            description="A GUIDER for SamplerCustomAdvanced that samples from an inversion: the source prompt "
+                        "reconstructs the photo, another prompt edits it. Use the inversion's SIGMAS and noised "
+                        "latent, with DisableNoise and a deterministic sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the photo was inverted with (LoRA etc. allowed)."),
+                InversionType.Input("inversion", tooltip="From 'Invert Image'."),
+                io.Conditioning.Input("positive", tooltip="The source prompt to reconstruct, or a new prompt."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
+                               tooltip="Guidance scale (null-text inversion was optimised for its 'guidance')."),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, positive, cfg) -> io.NodeOutput:
+        _unet_model(model)
+        _check_context(model.model, conditioning_context(positive, "positive"), "positive")
+        return io.NodeOutput(InversionCFGGuider(model, inversion, positive, cfg))
+
+
+NODES = [NullTextInvert, InversionGuider]

@@ -1,0 +1,128 @@
+"""NullTextInvert and the Inversion Guider in the real ComfyUI executor, on the tiny model."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from support import comfy_host
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    comfy_host.require_host()
+    nodes = comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
+    # the photo the shipped workflows load: a smooth synthetic 64x64 picture
+    y, x = np.mgrid[0:64, 0:64] / 63.0
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(comfy_host.host_dirs()["input"] / "example.png")
+    return nodes
+
+
+def _node_of(prompt, class_type):
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def _prompt(name, mode=None, steps=STEPS, **inversion_inputs):
+    """A shipped workflow on the tiny model, with fewer steps (and other settings) for the CPU."""
+    wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)
+    prompt = comfy_host.swap_checkpoint_loader(comfy_host.ui_to_api(wf))
+    inv = prompt[_node_of(prompt, "EditKitNullTextInvert")]["inputs"]
+    inv["steps"] = steps
+    if mode:
+        inv["mode"] = mode
+    inv.update(inversion_inputs)
+    return prompt
+
+
+def _latents(prompt, result):
+    source = result.outputs[_node_of(prompt, "VAEEncode")][0]["samples"]
+    output = result.outputs[_node_of(prompt, "SamplerCustomAdvanced")][0]["samples"]
+    return source, output
+
+
+def test_direct_inversion_reconstructs_the_input_latent(host):
+    prompt = _prompt("inversion_reconstruct.json", mode="direct")
+    source, output = _latents(prompt, comfy_host.run_prompt(prompt))
+    assert output.shape == source.shape
+    assert (output - source).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddim"])
+def test_direct_reconstruction_holds_for_other_deterministic_samplers(host, sampler):
+    prompt = _prompt("inversion_reconstruct.json", mode="direct")
+    prompt[_node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] = sampler
+    source, output = _latents(prompt, comfy_host.run_prompt(prompt))
+    assert (output - source).abs().max() < 1e-4
+
+
+def test_null_text_reconstructs_better_than_ddim_at_guidance_7_5(host):
+    errors = {}
+    for mode in ("ddim", "null_text"):
+        prompt = _prompt("inversion_reconstruct.json", mode=mode)
+        source, output = _latents(prompt, comfy_host.run_prompt(prompt))
+        errors[mode] = (output - source).pow(2).mean().item()
+    print(f"latent reconstruction MSE, {STEPS} steps, guidance 7.5: {errors}")
+    assert errors["null_text"] < 0.8 * errors["ddim"]
+
+
+def test_negative_prompt_inversion_runs_without_optimisation(host):
+    prompt = _prompt("inversion_reconstruct.json", mode="negative_prompt", inner_steps=0)
+    result = comfy_host.run_prompt(prompt)
+    inversion = result.outputs[_node_of(prompt, "EditKitNullTextInvert")][1]
+    assert inversion.uncond_embeddings is None and inversion.mode == "negative_prompt"
+    source, output = _latents(prompt, result)
+    assert torch.isfinite(output).all()
+
+
+def test_edit_workflow_changes_the_photo(host):
+    prompt = _prompt("inversion_edit_prompt.json", inner_steps=2)
+    result = comfy_host.run_prompt(prompt)
+    source, output = _latents(prompt, result)
+    assert (output - source).abs().mean() > 1e-3
+    saved = list((comfy_host.host_dirs()["output"]).glob("editkit_edit*.png"))
+    assert saved
+
+
+def test_inversion_uses_comfyui_schedule(host):
+    prompt = _prompt("inversion_reconstruct.json", mode="direct", scheduler="karras")
+    result = comfy_host.run_prompt(prompt)
+    sigmas = result.outputs[_node_of(prompt, "EditKitNullTextInvert")][2]
+    import comfy.samplers
+    from support.tiny_models import tiny_checkpoint
+    model_sampling = tiny_checkpoint(0)[0].get_model_object("model_sampling")
+    expected = comfy.samplers.calculate_sigmas(model_sampling, "karras", STEPS)
+    assert torch.allclose(sigmas, expected.float().cpu())
+
+
+def test_ancestral_sampler_is_a_clear_error(host):
+    prompt = _prompt("inversion_reconstruct.json", mode="direct")
+    prompt[_node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] = "euler_ancestral"
+    with pytest.raises(comfy_host.HostError) as e:
+        comfy_host.run_prompt(prompt)
+    assert "euler_ancestral" in str(e.value) and "deterministic" in str(e.value)
+
+
+def test_zero_steps_is_rejected_naming_the_input(host):
+    prompt = _prompt("inversion_reconstruct.json", steps=0)
+    with pytest.raises(comfy_host.HostError) as e:
+        comfy_host.run_prompt(prompt)
+    assert "steps" in str(e.value)
+
+
+def test_bad_latents_are_clear_errors(host):
+    from support.tiny_models import tiny_checkpoint
+    import editkit.nodes.inversion as inversion_nodes
+    model, clip, _ = tiny_checkpoint(0)
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    args = dict(mode="direct", steps=4, scheduler="normal", guidance=7.5, inner_steps=0, learning_rate=0.01,
+                early_stop=1e-5)
+    with pytest.raises(ValueError, match="latent: invert one image at a time"):
+        inversion_nodes.NullTextInvert.execute(model, cond, empty, {"samples": torch.zeros(2, 4, 8, 8)}, **args)
+    with pytest.raises(ValueError, match="latent: 16 channels but this model's latents have 4"):
+        inversion_nodes.NullTextInvert.execute(model, cond, empty, {"samples": torch.zeros(1, 16, 8, 8)}, **args)
+    wide = [[torch.zeros(1, 77, 768), {}]]
+    with pytest.raises(ValueError, match="positive: the text encoding is 768 wide"):
+        inversion_nodes.NullTextInvert.execute(model, wide, empty, {"samples": torch.zeros(1, 4, 8, 8)}, **args)
