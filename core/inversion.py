@@ -196,3 +196,42 @@ def unconditional_for_step(inversion: Inversion, step: int, cond: torch.Tensor, 
     if inversion.mode == "negative_prompt":
         return cond
     return uncond
+
+
+FORMAT_KEY = "editkit_inversion"
+FORMAT_VERSION = 1
+_TENSORS = ("sigmas", "latents", "uncond_embeddings", "source_context", "negative_context")
+
+
+class NotAnInversionError(ValueError):
+    pass
+
+
+def save_inversion(inversion: Inversion, path) -> None:
+    """safetensors file: the tensors, plus JSON metadata (mode, guidance, format version, free metadata)."""
+    import json
+    from safetensors.torch import save_file
+    tensors = {name: getattr(inversion, name).contiguous().cpu() for name in _TENSORS
+               if getattr(inversion, name) is not None}
+    meta = {"mode": inversion.mode, "guidance": inversion.guidance, "version": FORMAT_VERSION,
+            "metadata": inversion.metadata}
+    save_file(tensors, str(path), metadata={FORMAT_KEY: json.dumps(meta)})
+
+
+def load_inversion(path, input_name: str = "inversion") -> Inversion:
+    import json
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get(FORMAT_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:   # not a safetensors file at all
+        raise NotAnInversionError(f"{input_name}: '{path}' is not a saved inversion ({e})") from None
+    if header is None:
+        raise NotAnInversionError(f"{input_name}: '{path}' is a safetensors file but not a saved inversion "
+                                  f"(no '{FORMAT_KEY}' metadata); save one with 'Save Inversion'")
+    meta = json.loads(header)
+    if meta.get("version") != FORMAT_VERSION or meta.get("mode") not in MODES or "latents" not in tensors:
+        raise NotAnInversionError(f"{input_name}: '{path}' has an unknown inversion format: {meta}")
+    return Inversion(mode=meta["mode"], guidance=float(meta["guidance"]), metadata=meta.get("metadata", {}),
+                     **{name: tensors.get(name) for name in _TENSORS})

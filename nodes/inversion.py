@@ -7,6 +7,7 @@ that reproduces the inversion's unconditional branch at each step (see core/inve
 from __future__ import annotations
 
 import contextlib
+import os
 
 import comfy.model_management
 import comfy.model_sampling
@@ -15,7 +16,8 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..core.inversion import (MODES, Inversion, NullTextSettings, ddim_invert, direct_denoised, null_text_optimise)
+from ..core.inversion import (MODES, Inversion, NotAnInversionError, NullTextSettings, ddim_invert, direct_denoised,
+                              load_inversion, null_text_optimise, save_inversion)
 from ..core.schedule import step_index
 
 CATEGORY = "EditKit/inversion"
@@ -173,7 +175,10 @@ class NullTextInvert(io.ComfyNode):
         inversion = Inversion(mode=mode, sigmas=sigmas, latents=latents, guidance=guidance,
                               uncond_embeddings=embeddings, source_context=cond.clone().cpu(),
                               negative_context=uncond.clone().cpu(),
-                              metadata={"scheduler": scheduler, **{k: v for k, v in stats.items() if k != "losses"}})
+                              metadata={"scheduler": scheduler,
+                                        "latent_scale": float(inner.latent_format.scale_factor),
+                                        "latent_shift": float(getattr(inner.latent_format, "shift_factor", 0.0)),
+                                        **{k: v for k, v in stats.items() if k != "losses"}})
         noised = {"samples": inner.process_latent_out(latents[0:1].clone())}
         return io.NodeOutput(noised, inversion, sigmas.clone())
 
@@ -268,4 +273,92 @@ class InversionGuider(io.ComfyNode):
         return io.NodeOutput(InversionCFGGuider(model, inversion, positive, cfg))
 
 
-NODES = [NullTextInvert, InversionGuider]
+
+INVERSION_FOLDER = "inversions"
+
+
+def _saved_inversions() -> list[str]:
+    """Saved inversions in ComfyUI's output and input folders, annotated the way LoadImage annotates."""
+    import folder_paths
+    names = []
+    for root, tag in ((folder_paths.get_output_directory(), "output"), (folder_paths.get_input_directory(), "input")):
+        folder = os.path.join(root, INVERSION_FOLDER)
+        if os.path.isdir(folder):
+            names += sorted(f"{INVERSION_FOLDER}/{f} [{tag}]" for f in os.listdir(folder) if f.endswith(".safetensors"))
+    return names
+
+
+class SaveInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitSaveInversion",
+            display_name="Save Inversion",
+            category=CATEGORY,
+            description="Saves an inversion (safetensors with JSON metadata) into output/inversions, so a slow "
+                        "null-text inversion is done once per photo. Load it with 'Load Inversion'.",
+            inputs=[
+                InversionType.Input("inversion", tooltip="From 'Invert Image'."),
+                io.String.Input("filename_prefix", default="editkit_inversion",
+                                tooltip="File name prefix; a counter is appended."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, inversion, filename_prefix) -> io.NodeOutput:
+        import folder_paths
+        folder = os.path.join(folder_paths.get_output_directory(), INVERSION_FOLDER)
+        full_folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder)
+        os.makedirs(full_folder, exist_ok=True)
+        file = f"{name}_{counter:05}.safetensors"
+        save_inversion(inversion, os.path.join(full_folder, file))
+        return io.NodeOutput(ui={"text": [f"{INVERSION_FOLDER}/{file} [output]"]})
+
+
+class LoadInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitLoadInversion",
+            display_name="Load Inversion",
+            category=CATEGORY,
+            description="Loads an inversion saved by 'Save Inversion' (from output/inversions or input/inversions) "
+                        "and gives back its noised latent, the inversion and its sigmas.",
+            inputs=[io.Combo.Input("inversion_file", options=_saved_inversions(),
+                                   tooltip="A .safetensors file written by 'Save Inversion'.")],
+            outputs=[
+                io.Latent.Output(display_name="noised_latent"),
+                InversionType.Output(display_name="inversion"),
+                io.Sigmas.Output(display_name="sigmas"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, inversion_file):
+        import folder_paths
+        if not folder_paths.exists_annotated_filepath(inversion_file):
+            return f"inversion_file: '{inversion_file}' does not exist"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, inversion_file):
+        import folder_paths
+        return os.path.getmtime(folder_paths.get_annotated_filepath(inversion_file))
+
+    @classmethod
+    def execute(cls, inversion_file) -> io.NodeOutput:
+        import folder_paths
+        try:
+            inversion = load_inversion(folder_paths.get_annotated_filepath(inversion_file), "inversion_file")
+        except NotAnInversionError as e:
+            raise ValueError(str(e)) from None
+        # stored in the model's latent space; a LATENT is in the VAE's (what the model's process_latent_out gives)
+        scale = float(inversion.metadata.get("latent_scale", 1.0))
+        shift = float(inversion.metadata.get("latent_shift", 0.0))
+        noised = {"samples": inversion.latents[0:1].clone() / scale + shift}
+        return io.NodeOutput(noised, inversion, inversion.sigmas.clone())
+
+
+NODES = [NullTextInvert, InversionGuider, SaveInversion, LoadInversion]

@@ -82,3 +82,21 @@ def test_negative_prompt_inversion_needs_no_optimisation(setup):
     assert torch.equal(rec, same)
     plain = reconstruct(eps_fn, Inversion("ddim", sigmas, latents, 1.0), cond, uncond)
     assert (rec - plain).abs().max() < 1e-4 * plain.abs().max()
+
+
+def test_save_and_load_round_trip(tmp_path, setup):
+    from safetensors.torch import save_file
+    from editkit.core.inversion import NotAnInversionError, load_inversion, save_inversion
+    eps_fn, x0, cond, uncond, sigmas, latents = setup
+    inv = Inversion("null_text", sigmas, latents, 7.5, torch.randn(STEPS, 77, 32), cond, uncond, {"scheduler": "x"})
+    save_inversion(inv, tmp_path / "a.safetensors")
+    back = load_inversion(tmp_path / "a.safetensors")
+    assert back.mode == "null_text" and back.guidance == 7.5 and back.metadata == {"scheduler": "x"}
+    for name in ("sigmas", "latents", "uncond_embeddings", "source_context", "negative_context"):
+        assert torch.equal(getattr(back, name), getattr(inv, name))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(NotAnInversionError, match="not a saved inversion"):
+        load_inversion(tmp_path / "lora.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(NotAnInversionError, match="inversion: .* is not a saved inversion"):
+        load_inversion(tmp_path / "text.safetensors")

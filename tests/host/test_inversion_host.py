@@ -126,3 +126,33 @@ def test_bad_latents_are_clear_errors(host):
     wide = [[torch.zeros(1, 77, 768), {}]]
     with pytest.raises(ValueError, match="positive: the text encoding is 768 wide"):
         inversion_nodes.NullTextInvert.execute(model, wide, empty, {"samples": torch.zeros(1, 4, 8, 8)}, **args)
+
+
+def test_saved_inversion_reloads_and_reconstructs_the_same(host):
+    prompt = _prompt("inversion_reconstruct.json", mode="null_text", inner_steps=2)
+    inv_node = _node_of(prompt, "EditKitNullTextInvert")
+    prompt["900"] = {"class_type": "EditKitSaveInversion",
+                     "inputs": {"inversion": [inv_node, 1], "filename_prefix": "roundtrip"}}
+    first = comfy_host.run_prompt(prompt)
+    saved = first.ui["900"]["text"][0]
+    assert saved.startswith("inversions/roundtrip_") and saved.endswith(" [output]")
+
+    reload = _prompt("inversion_reconstruct.json")
+    reload[inv_node] = {"class_type": "EditKitLoadInversion", "inputs": {"inversion_file": saved}}
+    second = comfy_host.run_prompt(reload)
+    sampler = _node_of(prompt, "SamplerCustomAdvanced")
+    assert torch.equal(first.outputs[sampler][0]["samples"], second.outputs[sampler][0]["samples"])
+    assert torch.equal(first.outputs[inv_node][0]["samples"], second.outputs[inv_node][0]["samples"])
+
+
+def test_loading_a_file_that_is_not_an_inversion_is_a_clear_error(host):
+    from safetensors.torch import save_file
+    folder = comfy_host.host_dirs()["input"] / "inversions"
+    folder.mkdir(exist_ok=True)
+    save_file({"lora_up": torch.zeros(2)}, str(folder / "some_lora.safetensors"))
+    prompt = _prompt("inversion_reconstruct.json")
+    prompt[_node_of(prompt, "EditKitNullTextInvert")] = {
+        "class_type": "EditKitLoadInversion", "inputs": {"inversion_file": "inversions/some_lora.safetensors [input]"}}
+    with pytest.raises(comfy_host.HostError) as e:
+        comfy_host.run_prompt(prompt)
+    assert "inversion_file" in str(e.value) and "not a saved inversion" in str(e.value)
