@@ -144,7 +144,75 @@ def rows_foundation(bench: Bench, pack):
         yield name, t, peak, floor, bench.steps
 
 
-ROWS = [rows_foundation]
+def timed(device, fn):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return out, time.perf_counter() - t, peak
+
+
+def reference_null_text(eps_fn, latents, sigmas, cond, uncond, guidance, inner_steps):
+    """Cost replica of the reference implementation (Mokady et al.'s code on a diffusers pipeline): float32
+    weights that require grad (so every backward also computes weight gradients), and a batch-2 pass at
+    the end of each step recomputing the conditional prediction."""
+    from editkit.core.inversion import euler_step, guided_eps
+    sig = [float(s) for s in sigmas]
+    embedding, x = uncond.clone(), latents[0]
+    for i in range(len(sig) - 1):
+        with torch.no_grad():
+            eps_c = eps_fn(x[None], sig[i], cond)[0]
+        embedding = embedding.detach().requires_grad_(True)
+        opt = torch.optim.Adam([embedding], lr=1e-2 * (1 - i / 100))
+        for _ in range(inner_steps):
+            eps_u = eps_fn(x[None], sig[i], embedding)[0]
+            loss = torch.nn.functional.mse_loss(euler_step(x, eps_u + guidance * (eps_c - eps_u), sig[i], sig[i + 1]),
+                                                latents[i + 1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            x = euler_step(x, guided_eps(eps_fn, x, sig[i], cond, embedding.detach(), guidance), sig[i], sig[i + 1])
+
+
+def rows_inversion(bench: Bench, pack):
+    """Each inversion mode through the node's code path; floors in UNet evaluations at batch 1."""
+    import comfy.samplers
+    from editkit.core.inversion import NullTextSettings, ddim_invert, null_text_optimise
+    from editkit.nodes.inversion import ComfyEps
+    inner_steps = 10
+    eps = ComfyEps(bench.model)
+    t_eval1 = bench.unet_eval(1)
+    yield "one UNet evaluation, batch 1", t_eval1, None, t_eval1, 1
+    n = bench.steps
+    sigmas = comfy.samplers.calculate_sigmas(bench.model.get_model_object("model_sampling"), "ddim_uniform", n).float()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(4, *bench.latent_hw, generator=g).to(bench.device)
+    cond = bench.positive[0][0].to(bench.device)
+    uncond = bench.negative[0][0].to(bench.device)
+    latents, t, peak = timed(bench.device, lambda: ddim_invert(eps, x0, sigmas, cond))
+    yield "inversion: ddim / direct / negative_prompt", t, peak, n * t_eval1, n
+    settings = NullTextSettings(inner_steps=inner_steps, early_stop=0.0, early_stop_growth=0.0)
+    with torch.enable_grad():
+        _, t_opt, peak = timed(bench.device, lambda: null_text_optimise(eps, latents, sigmas, cond, uncond, 7.5, settings))
+    # per step: conditional pass, `inner_steps` unconditional passes with their backward (~2 passes), final pass
+    evals = n * (2 + 3 * inner_steps)
+    yield f"inversion: null_text ({inner_steps} inner steps, no early stop)", t + t_opt, peak, (n + evals) * t_eval1, n + evals
+    if bench.device.type == "cuda":
+        ref_model = build_sd15(bench.device, torch.float32)
+        ref_model.model.diffusion_model.requires_grad_(True)
+        ref_eps = ComfyEps(ref_model)
+        with torch.enable_grad():
+            _, t_ref, peak_ref = timed(bench.device, lambda: reference_null_text(ref_eps, latents, sigmas, cond, uncond,
+                                                                              7.5, inner_steps))
+        yield "  reference null-text cost (fp32, weight grads)", t + t_ref, peak_ref, (n + evals) * t_eval1, n + evals
+        del ref_model, ref_eps
+
+
+ROWS = [rows_foundation, rows_inversion]
 
 
 def boot(cpu: bool):
@@ -159,6 +227,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
+    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion)")
     args = parser.parse_args()
     cpu = args.tiny or not torch.cuda.is_available()
     pack = boot(cpu)
@@ -177,7 +246,8 @@ def main():
     print(f"# {label}; {size}x{size}, {steps} steps; torch {torch.__version__}")
     print(f"| {'row':44} | {'time s':>8} | {'floor s':>8} | {'x floor':>7} | {'UNet evals':>10} | {'peak GiB':>8} |")
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 12}|{'-' * 10}|")
-    for rows in ROWS:
+    chosen = [r for r in ROWS if args.rows is None or r.__name__.replace("rows_", "") in args.rows.split(",")]
+    for rows in chosen:
         for name, t, peak, floor, evals in rows(bench, pack):
             peak_s = f"{peak / 2**30:8.2f}" if peak else f"{'-':>8}"
             print(f"| {name:44} | {t:8.3f} | {floor:8.3f} | {t / floor:7.2f} | {evals:10d} | {peak_s} |", flush=True)

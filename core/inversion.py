@@ -110,6 +110,33 @@ def euler_step(x: torch.Tensor, eps: torch.Tensor, sigma: float, sigma_next: flo
     return x + (sigma_next - sigma) * eps
 
 
+class _LossProbe:
+    """Reads a GPU loss without stalling the queue behind it.
+
+    `.item()` right after the backward would wait for the backward and the optimiser step too, idling the
+    GPU while the CPU launches the next pass. The probe copies the loss to pinned memory as soon as it is
+    computed and records an event, so the test waits for the forward pass only.
+    """
+
+    def __init__(self):
+        self._host = self._event = self._loss = None
+
+    def watch(self, loss: torch.Tensor) -> None:
+        self._loss = loss
+        if loss.is_cuda:
+            if self._host is None:
+                self._host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            self._host.copy_(loss.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def value(self) -> float:
+        if self._event is None:
+            return float(self._loss)
+        self._event.synchronize()
+        return float(self._host)
+
+
 def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
                        uncond: torch.Tensor, guidance: float, settings: NullTextSettings = NullTextSettings(),
                        progress: Progress | None = None) -> tuple[torch.Tensor, dict]:
@@ -131,19 +158,21 @@ def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tenso
         embedding = embedding.detach().requires_grad_(True)
         optimiser = torch.optim.Adam([embedding], lr=settings.learning_rate * (1.0 - settings.lr_decay * i))
         threshold = settings.early_stop + settings.early_stop_growth * i
-        loss_value = float("nan")
+        loss, probe = None, _LossProbe()
         for _ in range(settings.inner_steps):
+            # Same rule as the reference: stop once the loss before the last update is under the threshold.
+            if loss is not None and probe.value() < threshold:
+                break
             eps_u = eps_fn(x[None], sig[i], embedding)[0]
             eps = eps_u + guidance * (eps_c - eps_u)
             pred = euler_step(x, eps, sig[i], sig[i + 1])
             loss = torch.nn.functional.mse_loss((pred * scale).float(), (target * scale).float())
+            probe.watch(loss)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             inner_total += 1
-            loss_value = loss.item()
-            if loss_value < threshold:
-                break
+        loss_value = loss.item() if loss is not None else float("nan")
         embedding = embedding.detach()
         out.append(embedding[0].clone())
         losses.append(loss_value)
