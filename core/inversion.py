@@ -122,11 +122,11 @@ class _LossProbe:
         self._host = self._event = self._loss = None
 
     def watch(self, loss: torch.Tensor) -> None:
-        self._loss = loss
+        self._loss = loss.detach()
         if loss.is_cuda:
             if self._host is None:
                 self._host = torch.empty((), dtype=loss.dtype, pin_memory=True)
-            self._host.copy_(loss.detach(), non_blocking=True)
+            self._host.copy_(self._loss, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
 
