@@ -188,7 +188,7 @@ DETERMINISTIC_HINT = "euler, ddim, dpmpp_2m, heun, lms, deis, uni_pc"
 
 def check_deterministic_sampler(sampler):
     name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
-    if "ancestral" in name or "sde" in name or name.endswith("_cfg_pp_ancestral"):
+    if any(part in name for part in ("ancestral", "sde", "lcm", "ddpm", "restart")):
         raise ValueError(f"sampler: '{name.replace('sample_', '')}' adds fresh noise at every step, so it cannot "
                          f"retrace an inversion; use a deterministic sampler ({DETERMINISTIC_HINT})")
 

@@ -9,6 +9,7 @@ from editkit.core.attention import AttentionController, BatchLayout
 from editkit.core.capture import AttentionMapCapture
 from editkit.core.diffusers_adapter import DiffusersAttentionAdapter
 from support.tiny_models import make_diffusers_unet
+from support.controllers import PassThrough
 
 STEPS = 6
 LATENT_HW = (8, 8)
@@ -43,18 +44,6 @@ def ddim_sample(unet, latent, cond, uncond, cfg=5.0, session=None):
     return x
 
 
-class _PassThrough(AttentionController):
-    """Acts on every call and changes nothing; with `probs` it also materialises the probabilities."""
-    def __init__(self, probs=False):
-        self.probs = probs
-
-    def acts_on(self, call):
-        return True
-
-    def needs_probs(self, call):
-        return self.probs
-
-
 def _sample_with(unet, controller):
     latent, cond, uncond = _inputs()
     adapter = DiffusersAttentionAdapter(unet, [controller]).install()
@@ -65,14 +54,14 @@ def _sample_with(unet, controller):
         adapter.uninstall()
 
 
-@pytest.mark.parametrize("controller", [AttentionController(), _PassThrough()])
+@pytest.mark.parametrize("controller", [AttentionController(), PassThrough()])
 def test_no_op_controllers_reproduce_plain_sampling(unet, controller):
     plain = ddim_sample(unet, *_inputs())
     assert (_sample_with(unet, controller) - plain).abs().max() < 1e-5
     assert torch.equal(ddim_sample(unet, *_inputs()), plain)   # uninstall restores the processors
 
 
-@pytest.mark.parametrize("controller", [_PassThrough(probs=True), AttentionMapCapture(max_tokens=10**6)])
+@pytest.mark.parametrize("controller", [PassThrough(probs=True), AttentionMapCapture(max_tokens=10**6)])
 def test_materialised_probabilities_match_fast_attention(unet, controller):
     """Explicit softmax differs from SDPA by float32 rounding only: 1e-5 on one UNet evaluation, and 1e-5
     relative to the latent's scale after a whole run (a random UNet amplifies rounding along the run)."""

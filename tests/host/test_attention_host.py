@@ -6,6 +6,7 @@ import torch
 
 from editkit.core.attention import AttentionController
 from support import comfy_host
+from support.controllers import PassThrough
 
 STEPS = 4
 
@@ -40,24 +41,11 @@ def _sample(model, clip, sampler="euler", prompt="a cat riding a bicycle", seed=
                                _encode(clip, "blurry"), latent, seed=seed, disable_pbar=True)
 
 
-class _PassThrough(AttentionController):
-    """Acts on every call and changes nothing; with `probs` it also materialises the probabilities."""
-
-    def __init__(self, probs=False):
-        self.probs = probs
-
-    def acts_on(self, call):
-        return True
-
-    def needs_probs(self, call):
-        return self.probs
-
-
 @pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
 def test_no_op_controllers_reproduce_unpatched_sampling(pack, tiny, sampler):
     model, clip, _ = tiny
     plain = _sample(model, clip, sampler)
-    for controller in (AttentionController(), _PassThrough()):
+    for controller in (AttentionController(), PassThrough()):
         patched = _sample(pack.attach_controller(model, controller), clip, sampler)
         assert (patched - plain).abs().max().item() < 1e-5, type(controller).__name__
 
@@ -69,7 +57,7 @@ def test_materialised_probabilities_match_the_host_kernel(pack, tiny, sampler):
     from editkit.core.capture import AttentionMapCapture
     model, clip, _ = tiny
     plain = _sample(model, clip, sampler)
-    for controller in (_PassThrough(probs=True), AttentionMapCapture(max_tokens=10**6)):
+    for controller in (PassThrough(probs=True), AttentionMapCapture(max_tokens=10**6)):
         patched = _sample(pack.attach_controller(model, controller), clip, sampler)
         assert (patched - plain).abs().max().item() < 1e-5 * plain.abs().max().item(), type(controller).__name__
 
