@@ -111,28 +111,20 @@ def euler_step(x: torch.Tensor, eps: torch.Tensor, sigma: float, sigma_next: flo
 
 
 class _LossProbe:
-    """Reads a GPU loss without stalling the queue behind it.
+    """A loss copied to pinned host memory as soon as it is computed, read later without a full sync."""
 
-    `.item()` right after the backward would wait for the backward and the optimiser step too, idling the
-    GPU while the CPU launches the next pass. The probe copies the loss to pinned memory as soon as it is
-    computed and records an event, so the test waits for the forward pass only.
-    """
-
-    def __init__(self):
-        self._host = self._event = self._loss = None
-
-    def watch(self, loss: torch.Tensor) -> None:
-        self._loss = loss.detach()
-        if loss.is_cuda:
-            if self._host is None:
-                self._host = torch.empty((), dtype=loss.dtype, pin_memory=True)
-            self._host.copy_(self._loss, non_blocking=True)
+    def __init__(self, loss: torch.Tensor):
+        self.loss = loss.detach()
+        self._event = None
+        if self.loss.is_cuda:
+            self._host = torch.empty((), dtype=self.loss.dtype, pin_memory=True)
+            self._host.copy_(self.loss, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
 
     def value(self) -> float:
         if self._event is None:
-            return float(self._loss)
+            return float(self.loss)
         self._event.synchronize()
         return float(self._host)
 
@@ -158,20 +150,28 @@ def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tenso
         embedding = embedding.detach().requires_grad_(True)
         optimiser = torch.optim.Adam([embedding], lr=settings.learning_rate * (1.0 - settings.lr_decay * i))
         threshold = settings.early_stop + settings.early_stop_growth * i
-        loss, probe = None, _LossProbe()
+        loss, previous = None, None
         for _ in range(settings.inner_steps):
-            # Same rule as the reference: stop once the loss before the last update is under the threshold.
-            if loss is not None and probe.value() < threshold:
-                break
             eps_u = eps_fn(x[None], sig[i], embedding)[0]
             eps = eps_u + guidance * (eps_c - eps_u)
             pred = euler_step(x, eps, sig[i], sig[i + 1])
             loss = torch.nn.functional.mse_loss((pred * scale).float(), (target * scale).float())
-            probe.watch(loss)
+            probe = _LossProbe(loss)
+            before = embedding.detach().clone()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             inner_total += 1
+            # The reference stops after the update whose loss was under the threshold. Reading a loss waits
+            # for the GPU, so the test of iteration k-1 is read once iteration k is queued behind it (the GPU
+            # never idles); if it passes, iteration k's update is undone, giving the reference's result.
+            if previous is not None and previous.value() < threshold:
+                with torch.no_grad():
+                    embedding.copy_(before)
+                inner_total -= 1
+                loss = previous.loss
+                break
+            previous = probe
         loss_value = loss.item() if loss is not None else float("nan")
         embedding = embedding.detach()
         out.append(embedding[0].clone())

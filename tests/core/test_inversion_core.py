@@ -100,3 +100,43 @@ def test_save_and_load_round_trip(tmp_path, setup):
     (tmp_path / "text.safetensors").write_text("hello")
     with pytest.raises(NotAnInversionError, match="inversion: .* is not a saved inversion"):
         load_inversion(tmp_path / "text.safetensors")
+
+
+def _reference_null_text(eps_fn, latents, sigmas, cond, uncond, guidance, s):
+    """Mokady et al.'s loop as written in their code: check the loss after each update, stop when small."""
+    from editkit.core.inversion import euler_step
+    sig = [float(v) for v in sigmas]
+    emb, x, out = uncond.clone(), latents[0], []
+    for i in range(len(sig) - 1):
+        scale = 1 / (sig[i + 1] ** 2 + 1) ** 0.5
+        with torch.no_grad():
+            eps_c = eps_fn(x[None], sig[i], cond)[0]
+        emb = emb.detach().requires_grad_(True)
+        opt = torch.optim.Adam([emb], lr=s.learning_rate * (1 - s.lr_decay * i))
+        for _ in range(s.inner_steps):
+            eps_u = eps_fn(x[None], sig[i], emb)[0]
+            pred = euler_step(x, eps_u + guidance * (eps_c - eps_u), sig[i], sig[i + 1])
+            loss = torch.nn.functional.mse_loss(pred * scale, latents[i + 1] * scale)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < s.early_stop + s.early_stop_growth * i:
+                break
+        emb = emb.detach()
+        out.append(emb[0].clone())
+        with torch.no_grad():
+            eps_u = eps_fn(x[None], sig[i], emb)[0]
+            x = euler_step(x, eps_u + guidance * (eps_c - eps_u), sig[i], sig[i + 1])
+    return torch.stack(out)
+
+
+def test_null_text_early_stop_matches_the_reference_loop(setup):
+    eps_fn, x0, cond, uncond, sigmas, latents = setup
+    # a threshold that stops some steps early and not others: the median final loss of a run without stops
+    _, free = null_text_optimise(eps_fn, latents, sigmas, cond, uncond, 7.5,
+                                 NullTextSettings(inner_steps=4, early_stop=0.0, early_stop_growth=0.0))
+    settings = NullTextSettings(inner_steps=4, early_stop=sorted(free["losses"])[STEPS // 2], early_stop_growth=0.0)
+    ours, stats = null_text_optimise(eps_fn, latents, sigmas, cond, uncond, 7.5, settings)
+    reference = _reference_null_text(eps_fn, latents, sigmas, cond, uncond, 7.5, settings)
+    assert 0 < stats["inner_steps"] < STEPS * 4, stats["inner_steps"]
+    assert torch.allclose(ours, reference, atol=1e-6)
