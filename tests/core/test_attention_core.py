@@ -1,6 +1,7 @@
 """The attention mechanism's pieces, host-free."""
 import pytest
 import torch
+from support.controllers import PassThrough
 
 from editkit.core.attention import (CROSS, SELF, AttentionCall, AttentionController, AttentionSite, BatchLayout,
                                     ControlSet, RunState, attention_probs, apply_probs, controlled_attention,
@@ -44,15 +45,8 @@ def test_explicit_probabilities_match_fast_attention():
     assert torch.allclose(apply_probs(probs, v, heads=2), sdpa_attention(q, k, v, 2), atol=1e-5)
 
 
-class _Recorder(AttentionController):
-    def __init__(self, probs=False):
-        self.probs = probs
-
-    def acts_on(self, call):
-        return True
-
-    def needs_probs(self, call):
-        return self.probs
+class _Recorder(PassThrough):
+    """Records the shape of the probabilities it sees."""
 
     def new_run_state(self):
         return []
