@@ -159,7 +159,8 @@ def reference_null_text(eps_fn, latents, sigmas, cond, uncond, guidance, inner_s
     """Cost replica of the reference implementation (Mokady et al.'s code on a diffusers pipeline): float32
     weights that require grad (so every backward also computes weight gradients), and a batch-2 pass at
     the end of each step recomputing the conditional prediction."""
-    from editkit.core.inversion import euler_step, guided_eps
+    from editkit.core.inversion import cfg, guided_eps
+    from editkit.core.schedule import euler_sigma_step
     sig = [float(s) for s in sigmas]
     embedding, x = uncond.clone(), latents[0]
     for i in range(len(sig) - 1):
@@ -169,13 +170,13 @@ def reference_null_text(eps_fn, latents, sigmas, cond, uncond, guidance, inner_s
         opt = torch.optim.Adam([embedding], lr=1e-2 * (1 - i / 100))
         for _ in range(inner_steps):
             eps_u = eps_fn(x[None], sig[i], embedding)[0]
-            loss = torch.nn.functional.mse_loss(euler_step(x, eps_u + guidance * (eps_c - eps_u), sig[i], sig[i + 1]),
+            loss = torch.nn.functional.mse_loss(euler_sigma_step(x, cfg(eps_c, eps_u, guidance), sig[i], sig[i + 1]),
                                                 latents[i + 1])
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            x = euler_step(x, guided_eps(eps_fn, x, sig[i], cond, embedding.detach(), guidance), sig[i], sig[i + 1])
+            x = euler_sigma_step(x, guided_eps(eps_fn, x, sig[i], cond, embedding.detach(), guidance), sig[i], sig[i + 1])
 
 
 def rows_inversion(bench: Bench, pack):

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .schedule import euler_sigma_step
+
 EpsFn = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 
@@ -70,12 +72,17 @@ def inversion_model_input(x: torch.Tensor, sigma_from: float, sigma_to: float) -
     less noisy latent with the higher timestep, so the latent is rescaled to keep the UNet's input equal to
     the unscaled latent of the paper's parameterisation.
     """
-    return x * ((sigma_to ** 2 + 1) / (sigma_from ** 2 + 1)) ** 0.5
+    return x * (_sd_scale(sigma_from) / _sd_scale(sigma_to))
 
 
 def _sd_scale(sigma: float) -> float:
     """Factor from sigma space to the sqrt(a) x_0 + sqrt(1-a) eps space, where the papers' losses live."""
     return 1.0 / (sigma * sigma + 1.0) ** 0.5
+
+
+def cfg(eps_c: torch.Tensor, eps_u: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance of a conditional and an unconditional noise prediction."""
+    return eps_u + guidance * (eps_c - eps_u)
 
 
 @torch.no_grad()
@@ -102,12 +109,7 @@ def guided_eps(eps_fn: EpsFn, x: torch.Tensor, sigma: float, cond: torch.Tensor,
     if guidance == 1.0:
         return eps_fn(x[None], sigma, cond)[0]
     eps_c, eps_u = eps_fn(torch.stack([x, x]), sigma, torch.cat([cond, uncond])).unbind(0)
-    return eps_u + guidance * (eps_c - eps_u)
-
-
-def euler_step(x: torch.Tensor, eps: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """DDIM (eta 0) in sigma space."""
-    return x + (sigma_next - sigma) * eps
+    return cfg(eps_c, eps_u, guidance)
 
 
 class _LossProbe:
@@ -153,8 +155,7 @@ def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tenso
         loss, previous = None, None
         for _ in range(settings.inner_steps):
             eps_u = eps_fn(x[None], sig[i], embedding)[0]
-            eps = eps_u + guidance * (eps_c - eps_u)
-            pred = euler_step(x, eps, sig[i], sig[i + 1])
+            pred = euler_sigma_step(x, cfg(eps_c, eps_u, guidance), sig[i], sig[i + 1])
             loss = torch.nn.functional.mse_loss((pred * scale).float(), (target * scale).float())
             probe = _LossProbe(loss)
             before = embedding.detach().clone()
@@ -178,7 +179,7 @@ def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tenso
         losses.append(loss_value)
         with torch.no_grad():
             eps_u = eps_fn(x[None], sig[i], embedding)[0]
-            x = euler_step(x, eps_u + guidance * (eps_c - eps_u), sig[i], sig[i + 1])
+            x = euler_sigma_step(x, cfg(eps_c, eps_u, guidance), sig[i], sig[i + 1])
         if progress:
             progress(i + 1, n)
     return torch.stack(out), {"losses": losses, "inner_steps": inner_total}
@@ -214,7 +215,7 @@ def reconstruct(eps_fn: EpsFn, inversion: Inversion, cond: torch.Tensor, uncond:
         null = unconditional_for_step(inversion, i, cond, uncond)
         with torch.no_grad():
             eps = guided_eps(eps_fn, x, sig[i], cond, null, inversion.guidance)
-        x = euler_step(x, eps, sig[i], sig[i + 1])
+        x = euler_sigma_step(x, eps, sig[i], sig[i + 1])
     return x
 
 

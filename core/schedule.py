@@ -63,7 +63,7 @@ def from_sigma_space(x: torch.Tensor, alpha_bar) -> torch.Tensor:
 
 def euler_sigma_step(x: torch.Tensor, eps: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """DDIM (eta = 0) written in sigma space: x_next = x + (sigma_next - sigma) eps."""
-    return x + (torch.as_tensor(sigma_next, dtype=x.dtype) - torch.as_tensor(sigma, dtype=x.dtype)) * eps
+    return x + (sigma_next - sigma) * eps
 
 
 def step_index(sigma: float, schedule_sigmas) -> int:

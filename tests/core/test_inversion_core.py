@@ -104,7 +104,8 @@ def test_save_and_load_round_trip(tmp_path, setup):
 
 def _reference_null_text(eps_fn, latents, sigmas, cond, uncond, guidance, s):
     """Mokady et al.'s loop as written in their code: check the loss after each update, stop when small."""
-    from editkit.core.inversion import euler_step
+    from editkit.core.inversion import cfg
+    from editkit.core.schedule import euler_sigma_step
     sig = [float(v) for v in sigmas]
     emb, x, out = uncond.clone(), latents[0], []
     for i in range(len(sig) - 1):
@@ -115,7 +116,7 @@ def _reference_null_text(eps_fn, latents, sigmas, cond, uncond, guidance, s):
         opt = torch.optim.Adam([emb], lr=s.learning_rate * (1 - s.lr_decay * i))
         for _ in range(s.inner_steps):
             eps_u = eps_fn(x[None], sig[i], emb)[0]
-            pred = euler_step(x, eps_u + guidance * (eps_c - eps_u), sig[i], sig[i + 1])
+            pred = euler_sigma_step(x, cfg(eps_c, eps_u, guidance), sig[i], sig[i + 1])
             loss = torch.nn.functional.mse_loss(pred * scale, latents[i + 1] * scale)
             opt.zero_grad()
             loss.backward()
@@ -126,7 +127,7 @@ def _reference_null_text(eps_fn, latents, sigmas, cond, uncond, guidance, s):
         out.append(emb[0].clone())
         with torch.no_grad():
             eps_u = eps_fn(x[None], sig[i], emb)[0]
-            x = euler_step(x, eps_u + guidance * (eps_c - eps_u), sig[i], sig[i + 1])
+            x = euler_sigma_step(x, cfg(eps_c, eps_u, guidance), sig[i], sig[i + 1])
     return torch.stack(out)
 
 
