@@ -88,28 +88,42 @@ class Bench:
                     times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    def sample(self, model=None, sampler="euler", cfg=7.5, batch=1, repeats=4):
-        """(fastest seconds, peak bytes) of a full ComfyUI sampling run (the KSampler path).
+    def _fastest(self, run, repeats):
+        """(fastest seconds, peak bytes) of `run()` after one warm-up call.
 
         The fastest of a few runs: on a shared machine the slower runs measure the neighbours."""
-        import comfy.sample
-        model = model or self.model
-        latent = torch.zeros(batch, 4, *self.latent_hw)
-        noise = comfy.sample.prepare_noise(latent, 0)
         times, peak = [], 0
         for i in range(repeats + 1):
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             sync(self.device)
             t = time.perf_counter()
-            comfy.sample.sample(model, noise, self.steps, cfg, sampler, "normal", self.positive, self.negative,
-                                latent, seed=0, disable_pbar=True)
+            run()
             sync(self.device)
             if i >= 1:
                 times.append(time.perf_counter() - t)
             if self.device.type == "cuda":
                 peak = max(peak, torch.cuda.max_memory_allocated(self.device))
         return min(times), peak
+
+    def sample(self, model=None, sampler="euler", cfg=7.5, batch=1, repeats=4):
+        """A full ComfyUI sampling run (the KSampler path)."""
+        import comfy.sample
+        model = model or self.model
+        latent = torch.zeros(batch, 4, *self.latent_hw)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        return self._fastest(lambda: comfy.sample.sample(model, noise, self.steps, cfg, sampler, "normal", self.positive,
+                                                         self.negative, latent, seed=0, disable_pbar=True), repeats)
+
+    def sample_guider(self, guider, sampler="euler", repeats=4):
+        """SamplerCustomAdvanced's path with `guider` on a one-image latent."""
+        import comfy.sample
+        import comfy.samplers
+        latent = torch.zeros(1, 4, *self.latent_hw)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        sigmas = comfy.samplers.calculate_sigmas(self.model.get_model_object("model_sampling"), "normal", self.steps)
+        return self._fastest(lambda: guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas,
+                                                   disable_pbar=True, seed=0), repeats)
 
 
 def host_kernel_patch(model, sites):
@@ -213,7 +227,41 @@ def rows_inversion(bench: Bench, pack):
         del ref_model, ref_eps
 
 
-ROWS = [rows_foundation, rows_inversion]
+def rows_attention_control(bench: Bench, pack):
+    """Prompt-to-Prompt and MasaCtrl pairs (source + target, CFG: batch 4 per evaluation) against the floor of
+    one batch-4 evaluation per step, and plain two-image sampling for the memory comparison."""
+    from editkit.core.prompt2prompt import LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt
+    from editkit.core.tokens import TokenMap
+    from editkit.nodes.comfy_attention import attach_controller as attach
+    from editkit.nodes.pair_guider import PairCFGGuider
+    t_eval4 = bench.unet_eval(4)
+    floor = bench.steps * t_eval4
+    yield "one UNet evaluation, batch 4", t_eval4, None, t_eval4, 1
+    t, peak = bench.sample(batch=2)
+    yield "plain sampling of two images, euler, CFG", t, peak, floor, bench.steps
+    g = torch.Generator().manual_seed(2)
+    width = bench.positive[0][0].shape[-1]
+    contexts = [torch.randn(1, 77, width, generator=g) for _ in range(2)]
+    negative = bench.negative[0][0]
+    identity = TokenMap(tuple(range(77)), (True,) * 77, 77)
+    until = [0.8] * 77
+    until[5] = 0.4
+    swap = PromptToPrompt(token_map=identity, cross_until=tuple(until), self_until=0.4)
+    blend = LocalBlend(keys=(PromptKeys(77, (5,)), PromptKeys(77, (5,))))
+    masa = MutualSelfAttention(start_step=4, start_layer=10)
+    masked = MutualSelfAttention(start_step=4, start_layer=10, mask_keys=(PromptKeys(77, (2,)), PromptKeys(77, (2,))))
+    cases = [("pair guider, no edit", [], None), ("P2P word swap (cross 0.8, self 0.4)", [swap], None),
+             ("P2P word swap + local blend", [swap, blend], blend), ("MasaCtrl (step 4, layer 10)", [masa], None),
+             ("MasaCtrl with a word mask", [masked], None)]
+    for name, controllers, local_blend in cases:
+        model = bench.model
+        for c in controllers:
+            model = attach(model, c)
+        t, peak = bench.sample_guider(PairCFGGuider(model, contexts, negative, 7.5, local_blend=local_blend))
+        yield name, t, peak, floor, bench.steps
+
+
+ROWS = [rows_foundation, rows_inversion, rows_attention_control]
 
 
 def boot(cpu: bool):
@@ -228,7 +276,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
-    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion)")
+    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control)")
     args = parser.parse_args()
     cpu = args.tiny or not torch.cuda.is_available()
     pack = boot(cpu)

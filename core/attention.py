@@ -137,6 +137,7 @@ class AttentionCall:
     layout: BatchLayout
     run: RunState
     sigma: float | None = None
+    latent_hw: tuple[int, int] | None = None   # (h, w) of the latent the UNet is denoising
 
     @property
     def progress(self) -> float:
@@ -248,6 +249,14 @@ def controlled_attention(call: AttentionCall, q, k, v, controllers: Sequence[Att
     for c in active:
         out = c.edit_output(call, out)
     return out
+
+
+def level_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    """Feature-map size at UNet level `level` (0: the latent's size); each level halves, rounding up."""
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
 
 
 def token_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -84,7 +84,7 @@ class _ControlledProcessor:
         layout = session.layout or BatchLayout(("cond",), batch)
         call = AttentionCall(site=self.site, heads=attn.heads, step=session.step, num_steps=session.num_steps,
                              grid=token_grid(tokens, session.latent_hw), layout=layout, run=session.run,
-                             sigma=session.sigma)
+                             sigma=session.sigma, latent_hw=tuple(session.latent_hw))
         out = controlled_attention(call, q, k, v, self.adapter.controls.controllers, sdpa_attention)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

@@ -131,8 +131,10 @@ def call_from_options(site: AttentionSite, q, extra_options: dict, run: RunState
     grid = (int(shape[-2]), int(shape[-1])) if shape is not None else (q.shape[1], 1)
     step, num_steps, sigma = _current_step(run, extra_options)
     layout = BatchLayout.from_cond_or_uncond(extra_options.get("cond_or_uncond"), q.shape[0])
+    original = extra_options.get("original_shape")
+    latent_hw = (int(original[-2]), int(original[-1])) if original is not None and len(original) == 4 else None
     return AttentionCall(site=site, heads=extra_options["n_heads"], step=step, num_steps=num_steps, grid=grid,
-                         layout=layout, run=run, sigma=sigma)
+                         layout=layout, run=run, sigma=sigma, latent_hw=latent_hw)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):

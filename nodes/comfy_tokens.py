@@ -27,10 +27,9 @@ def prompt_tokens(clip, text: str) -> PromptTokens:
                         frozenset(t for t in special if t is not None))
 
 
-def prompt_word_positions(clip, prompt: str, words: list[str], input_name: str = "words") -> tuple[PromptTokens, list[list[int]]]:
-    """Key positions of each word in `prompt`, as CLIP tokenises both; unknown words raise a clear error."""
+def word_codec(clip):
+    """(encode_word, id_to_piece) of the model's tokenizer: a word's token ids, and a token id's BPE piece."""
     sd_tokenizer, _ = _sd_tokenizer(clip)
-    tokens = prompt_tokens(clip, prompt)
 
     def encode_word(word: str) -> list[int]:
         return [t for _, t in prompt_tokens(clip, word).content()]
@@ -38,4 +37,11 @@ def prompt_word_positions(clip, prompt: str, words: list[str], input_name: str =
     def id_to_piece(token_id: int) -> str:
         return sd_tokenizer.inv_vocab.get(token_id, "?")
 
+    return encode_word, id_to_piece
+
+
+def prompt_word_positions(clip, prompt: str, words: list[str], input_name: str = "words") -> tuple[PromptTokens, list[list[int]]]:
+    """Key positions of each word in `prompt`, as CLIP tokenises both; unknown words raise a clear error."""
+    tokens = prompt_tokens(clip, prompt)
+    encode_word, id_to_piece = word_codec(clip)
     return tokens, word_positions(tokens, words, encode_word, id_to_piece, input_name=input_name)

@@ -193,6 +193,32 @@ def check_deterministic_sampler(sampler):
                          f"retrace an inversion; use a deterministic sampler ({DETERMINISTIC_HINT})")
 
 
+def check_inversion_sigmas(inversion: Inversion, sigmas) -> None:
+    if sigmas.shape[-1] != inversion.sigmas.shape[-1] or not torch.allclose(
+            sigmas.float().cpu(), inversion.sigmas.float(), rtol=1e-4, atol=1e-6):
+        raise ValueError(f"sigmas: sample with the schedule the inversion used ({inversion.sigmas.shape[-1] - 1} "
+                         f"steps); connect the 'sigmas' output of the inversion node")
+
+
+def inversion_negative(conds: dict, inversion: Inversion, step: int):
+    """The unconditional branch an inversion prescribes at `step`, from a guider's processed conds
+    ("negative": the encoding it was inverted with, "source": the source prompt)."""
+    if inversion.mode == "negative_prompt":
+        return conds["source"]
+    if inversion.mode == "null_text":
+        embedding = inversion.uncond_embeddings[step][None]
+        out = []
+        for c in conds["negative"]:
+            c = c.copy()
+            model_conds = dict(c["model_conds"])
+            template = model_conds["c_crossattn"]
+            model_conds["c_crossattn"] = template._copy_with(embedding.to(template.cond.device, template.cond.dtype))
+            c["model_conds"] = model_conds
+            out.append(c)
+        return out
+    return conds["negative"]
+
+
 class InversionCFGGuider(comfy.samplers.CFGGuider):
     """CFG that reproduces the inversion: the unconditional branch of each step is the one the inversion
     prescribes (null-text embedding of that step, the source prompt, or the negative it was inverted with),
@@ -212,28 +238,8 @@ class InversionCFGGuider(comfy.samplers.CFGGuider):
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
         check_deterministic_sampler(sampler)
-        if sigmas.shape[-1] != len(self.schedule) or not torch.allclose(
-                sigmas.float().cpu(), self.inversion.sigmas.float(), rtol=1e-4, atol=1e-6):
-            raise ValueError(f"sigmas: sample with the schedule the inversion used ({len(self.schedule) - 1} steps); "
-                             f"connect the 'sigmas' output of the inversion node")
+        check_inversion_sigmas(self.inversion, sigmas)
         return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
-
-    def _negative_for_step(self, step: int):
-        mode = self.inversion.mode
-        if mode == "negative_prompt":
-            return self.conds["source"]
-        if mode == "null_text":
-            embedding = self.inversion.uncond_embeddings[step][None]
-            out = []
-            for c in self.conds["negative"]:
-                c = c.copy()
-                model_conds = dict(c["model_conds"])
-                template = model_conds["c_crossattn"]
-                model_conds["c_crossattn"] = template._copy_with(embedding.to(template.cond.device, template.cond.dtype))
-                c["model_conds"] = model_conds
-                out.append(c)
-            return out
-        return self.conds["negative"]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         step = min(step_index(float(timestep.flatten()[0]), self.schedule), len(self.schedule) - 2)
@@ -241,7 +247,8 @@ class InversionCFGGuider(comfy.samplers.CFGGuider):
             latents = self.inversion.latents
             target = direct_denoised(latents, self.schedule, step).to(x.device, x.dtype)
             return target[None].expand_as(x).clone()
-        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self._negative_for_step(step),
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep,
+                                                inversion_negative(self.conds, self.inversion, step),
                                                 self.conds.get("positive"), self.cfg, model_options=model_options,
                                                 seed=seed)
 

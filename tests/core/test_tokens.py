@@ -1,25 +1,16 @@
 """Word positions on the real CLIP tokenizer files shipped with ComfyUI (read from the host snapshot)."""
 import pytest
 
+from support.clip_tokens import sd1_tokenizer, sd1_tokens
 from editkit.core.tokens import PromptTokens, UnknownWordError, find_word_positions, prompt_words, word_positions
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from support.comfy_host import require_host
-    from transformers import CLIPTokenizer
-    return CLIPTokenizer.from_pretrained(str(require_host() / "comfy" / "sd1_tokenizer"))
+    return sd1_tokenizer()
 
 
-def _tokens(tokenizer, text, chunks=1):
-    ids = tokenizer(text)["input_ids"]
-    end = tokenizer.eos_token_id
-    body = ids[1:-1]
-    out = []
-    for c in range(chunks):
-        part = body[c * 75:(c + 1) * 75]
-        out.append(tuple([ids[0]] + part + [end] * (76 - len(part))))
-    return PromptTokens(tuple(out), frozenset({ids[0], end}))
+_tokens = sd1_tokens
 
 
 def _encode(tokenizer):

@@ -1,8 +1,6 @@
 """NullTextInvert and the Inversion Guider in the real ComfyUI executor, on the tiny model."""
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from support import comfy_host
 
@@ -13,22 +11,15 @@ STEPS = 10
 def host(tmp_path_factory):
     comfy_host.require_host()
     nodes = comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
-    # the photo the shipped workflows load: a smooth synthetic 64x64 picture
-    y, x = np.mgrid[0:64, 0:64] / 63.0
-    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)
-    Image.fromarray((rgb * 255).astype(np.uint8)).save(comfy_host.host_dirs()["input"] / "example.png")
+    comfy_host.write_example_photo()
     return nodes
-
-
-def _node_of(prompt, class_type):
-    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
 
 def _prompt(name, mode=None, steps=STEPS, **inversion_inputs):
     """A shipped workflow on the tiny model, with fewer steps (and other settings) for the CPU."""
     wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)
     prompt = comfy_host.swap_checkpoint_loader(comfy_host.ui_to_api(wf))
-    inv = prompt[_node_of(prompt, "EditKitNullTextInvert")]["inputs"]
+    inv = prompt[comfy_host.node_of(prompt, "EditKitNullTextInvert")]["inputs"]
     inv["steps"] = steps
     if mode:
         inv["mode"] = mode
@@ -37,8 +28,8 @@ def _prompt(name, mode=None, steps=STEPS, **inversion_inputs):
 
 
 def _latents(prompt, result):
-    source = result.outputs[_node_of(prompt, "VAEEncode")][0]["samples"]
-    output = result.outputs[_node_of(prompt, "SamplerCustomAdvanced")][0]["samples"]
+    source = result.outputs[comfy_host.node_of(prompt, "VAEEncode")][0]["samples"]
+    output = result.outputs[comfy_host.node_of(prompt, "SamplerCustomAdvanced")][0]["samples"]
     return source, output
 
 
@@ -52,7 +43,7 @@ def test_direct_inversion_reconstructs_the_input_latent(host):
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddim"])
 def test_direct_reconstruction_holds_for_other_deterministic_samplers(host, sampler):
     prompt = _prompt("inversion_reconstruct.json", mode="direct")
-    prompt[_node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] = sampler
+    prompt[comfy_host.node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] = sampler
     source, output = _latents(prompt, comfy_host.run_prompt(prompt))
     assert (output - source).abs().max() < 1e-4
 
@@ -70,7 +61,7 @@ def test_null_text_reconstructs_better_than_ddim_at_guidance_7_5(host):
 def test_negative_prompt_inversion_runs_without_optimisation(host):
     prompt = _prompt("inversion_reconstruct.json", mode="negative_prompt", inner_steps=0)
     result = comfy_host.run_prompt(prompt)
-    inversion = result.outputs[_node_of(prompt, "EditKitNullTextInvert")][1]
+    inversion = result.outputs[comfy_host.node_of(prompt, "EditKitNullTextInvert")][1]
     assert inversion.uncond_embeddings is None and inversion.mode == "negative_prompt"
     source, output = _latents(prompt, result)
     assert torch.isfinite(output).all()
@@ -88,7 +79,7 @@ def test_edit_workflow_changes_the_photo(host):
 def test_inversion_uses_comfyui_schedule(host):
     prompt = _prompt("inversion_reconstruct.json", mode="direct", scheduler="karras")
     result = comfy_host.run_prompt(prompt)
-    sigmas = result.outputs[_node_of(prompt, "EditKitNullTextInvert")][2]
+    sigmas = result.outputs[comfy_host.node_of(prompt, "EditKitNullTextInvert")][2]
     import comfy.samplers
     from support.tiny_models import tiny_checkpoint
     model_sampling = tiny_checkpoint(0)[0].get_model_object("model_sampling")
@@ -98,7 +89,7 @@ def test_inversion_uses_comfyui_schedule(host):
 
 def test_ancestral_sampler_is_a_clear_error(host):
     prompt = _prompt("inversion_reconstruct.json", mode="direct")
-    prompt[_node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] = "euler_ancestral"
+    prompt[comfy_host.node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] = "euler_ancestral"
     with pytest.raises(comfy_host.HostError) as e:
         comfy_host.run_prompt(prompt)
     assert "euler_ancestral" in str(e.value) and "deterministic" in str(e.value)
@@ -130,7 +121,7 @@ def test_bad_latents_are_clear_errors(host):
 
 def test_saved_inversion_reloads_and_reconstructs_the_same(host):
     prompt = _prompt("inversion_reconstruct.json", mode="null_text", inner_steps=2)
-    inv_node = _node_of(prompt, "EditKitNullTextInvert")
+    inv_node = comfy_host.node_of(prompt, "EditKitNullTextInvert")
     prompt["900"] = {"class_type": "EditKitSaveInversion",
                      "inputs": {"inversion": [inv_node, 1], "filename_prefix": "roundtrip"}}
     first = comfy_host.run_prompt(prompt)
@@ -140,7 +131,7 @@ def test_saved_inversion_reloads_and_reconstructs_the_same(host):
     reload = _prompt("inversion_reconstruct.json")
     reload[inv_node] = {"class_type": "EditKitLoadInversion", "inputs": {"inversion_file": saved}}
     second = comfy_host.run_prompt(reload)
-    sampler = _node_of(prompt, "SamplerCustomAdvanced")
+    sampler = comfy_host.node_of(prompt, "SamplerCustomAdvanced")
     assert torch.equal(first.outputs[sampler][0]["samples"], second.outputs[sampler][0]["samples"])
     assert torch.equal(first.outputs[inv_node][0]["samples"], second.outputs[inv_node][0]["samples"])
 
@@ -151,7 +142,7 @@ def test_loading_a_file_that_is_not_an_inversion_is_a_clear_error(host):
     folder.mkdir(exist_ok=True)
     save_file({"lora_up": torch.zeros(2)}, str(folder / "some_lora.safetensors"))
     prompt = _prompt("inversion_reconstruct.json")
-    prompt[_node_of(prompt, "EditKitNullTextInvert")] = {
+    prompt[comfy_host.node_of(prompt, "EditKitNullTextInvert")] = {
         "class_type": "EditKitLoadInversion", "inputs": {"inversion_file": "inversions/some_lora.safetensors [input]"}}
     with pytest.raises(comfy_host.HostError) as e:
         comfy_host.run_prompt(prompt)

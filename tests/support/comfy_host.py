@@ -330,6 +330,20 @@ class TinyCheckpointLoader:
         return mod.tiny_checkpoint(int(seed))
 
 
+def write_example_photo(name: str = "example.png", size: int = 64) -> None:
+    """The photo the shipped workflows load (LoadImage 'example.png'): a smooth synthetic picture."""
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:size, 0:size] / (size - 1.0)
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(host_dirs()["input"] / name)
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    """Id of the (first) node of `class_type` in an API-format prompt."""
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
 def swap_checkpoint_loader(prompt: dict, seed: int = 0) -> dict:
     """Copy of ``prompt`` with every CheckpointLoaderSimple replaced by TinyCheckpointLoader.
 

@@ -1,0 +1,244 @@
+"""Prompt-to-Prompt and MasaCtrl controllers: token alignment on the real CLIP tokenizer, and the edits on a
+tiny diffusers UNet sampling a source and a target in one batch."""
+import pytest
+import torch
+
+from editkit.core import schedule
+from editkit.core.attention import AttentionCall, BatchLayout, RunState, AttentionSite, attention_probs
+from editkit.core.capture import AttentionMapCapture
+from editkit.core.prompt2prompt import (LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt, fold_keys,
+                                        unfold_keys)
+from editkit.core.tokens import AlignmentError, TokenMap, refinement_alignment, swap_alignment
+from support.clip_tokens import sd1_tokenizer, sd1_tokens
+
+STEPS = 6
+LATENT_HW = (16, 16)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return sd1_tokenizer()
+
+
+# ---- token alignment ------------------------------------------------------------------------------------
+
+def test_refinement_aligns_every_source_token_to_its_target_token(tokenizer):
+    source = sd1_tokens(tokenizer, "a cat riding a bicycle")
+    target = sd1_tokens(tokenizer, "a cat riding a red bicycle")
+    m = refinement_alignment(source, target)
+    # keys: 0 start, 1 a, 2 cat, 3 riding, 4 a, 5 (red), 6 bicycle, 7 end; the source has no 'red'
+    assert m.source_index[:5] == (0, 1, 2, 3, 4) and m.source_index[6] == 5
+    assert m.aligned[:7] == (True,) * 5 + (False, True)
+    assert m.source_index[7] == 6 and m.source_index[8] == 7   # end token to end token, padding after it
+    src_ids = [t for c in source.chunks for t in c]
+    tgt_ids = [t for c in target.chunks for t in c]
+    for j, (i, ok) in enumerate(zip(m.source_index, m.aligned)):
+        if ok:
+            assert src_ids[i] == tgt_ids[j]
+    assert m.target_length == 77 and m.source_length == 77
+
+
+@pytest.mark.parametrize("align", [swap_alignment, refinement_alignment])
+def test_alignment_of_a_prompt_with_itself_is_the_identity(tokenizer, align):
+    tokens = sd1_tokens(tokenizer, "a photo of a house on a mountain")
+    m = align(tokens, tokens)
+    assert m.source_index == tuple(range(77)) and all(m.aligned)
+
+
+def test_word_swap_keeps_positions_and_refuses_different_token_counts(tokenizer):
+    m = swap_alignment(sd1_tokens(tokenizer, "a cat riding a bicycle"), sd1_tokens(tokenizer, "a dog riding a bicycle"))
+    assert m.source_index == tuple(range(77)) and all(m.aligned)
+    with pytest.raises(AlignmentError, match="refine"):
+        swap_alignment(sd1_tokens(tokenizer, "a cat"), sd1_tokens(tokenizer, "a cat riding a red bicycle"))
+
+
+def test_refinement_across_77_token_chunks(tokenizer):
+    base = ", ".join(["a cat riding a bicycle"] * 10)     # 59 tokens: one chunk
+    longer = base + ", " + ", ".join(["a red bus"] * 8)  # two chunks
+    source, target = sd1_tokens(tokenizer, base), sd1_tokens(tokenizer, longer)
+    assert (source.context_length, target.context_length) == (77, 154)
+    m = refinement_alignment(source, target)
+    src_ids = [t for c in source.chunks for t in c]
+    tgt_ids = [t for c in target.chunks for t in c]
+    mapped_content = sorted(i for j, (i, ok) in enumerate(zip(m.source_index, m.aligned))
+                            if ok and tgt_ids[j] not in target.special_ids)
+    assert mapped_content == [k for k, _ in source.content()]   # every source word is kept, in order
+    assert all(src_ids[i] == tgt_ids[j] for j, (i, ok) in enumerate(zip(m.source_index, m.aligned))
+               if ok and tgt_ids[j] not in target.special_ids)
+    assert m.source_index[77] == 0   # second chunk's start token to the source's start token
+
+
+def test_folding_repeated_keys_recovers_the_prompt_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 5, 16, generator=g), torch.randn(1, 7, 16, generator=g)
+    probs = attention_probs(q, k, heads=2)
+    repeated = attention_probs(q, k.repeat(1, 3, 1), heads=2)
+    assert torch.allclose(fold_keys(repeated, 7), probs, atol=1e-6)
+    assert torch.allclose(unfold_keys(probs, 21), repeated, atol=1e-6)
+
+
+# ---- controllers on a tiny diffusers UNet ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def unet():
+    pytest.importorskip("diffusers")
+    from support.tiny_models import make_diffusers_unet
+    return make_diffusers_unet(seed=0)
+
+
+def _contexts(same=False):
+    g = torch.Generator().manual_seed(1)
+    source, target, uncond = (torch.randn(1, 77, 32, generator=g) for _ in range(3))
+    return source, (source.clone() if same else target), uncond
+
+
+@torch.no_grad()
+def pair_sample(unet, controllers, source, target, uncond, cfg=5.0, items=2):
+    """DDIM with CFG over the batch [source, target] x [cond, uncond] (ComfyUI's row order), same x_T."""
+    from editkit.core.diffusers_adapter import DiffusersAttentionAdapter
+    alphas = schedule.sd_alphas_cumprod().float()
+    timesteps = torch.linspace(999, 0, STEPS).round().long()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 4, *LATENT_HW, generator=g) * (1 - alphas[timesteps[0]]).sqrt()).repeat(items, 1, 1, 1)
+    contexts = torch.cat([source, target][:items] + [uncond] * items)
+    adapter = DiffusersAttentionAdapter(unet, controllers).install()
+    try:
+        with adapter.run(STEPS, LATENT_HW, BatchLayout(("cond", "uncond"), items)) as session:
+            for i, t in enumerate(timesteps):
+                session.step = i
+                eps_c, eps_u = unet(torch.cat([x, x]), t, encoder_hidden_states=contexts).sample.chunk(2)
+                eps = eps_u + cfg * (eps_c - eps_u)
+                a_next = alphas[timesteps[i + 1]] if i + 1 < STEPS else torch.tensor(1.0)
+                x = schedule.ddim_step(x, eps, alphas[t], a_next)
+    finally:
+        adapter.uninstall()
+    return x
+
+
+def _identity_map(length=77):
+    return TokenMap(tuple(range(length)), (True,) * length, length)
+
+
+def _refine_map():
+    """Target key 5 is an added word; target keys 6.. take source keys 5.."""
+    index = tuple(range(5)) + (0,) + tuple(range(5, 76))
+    return TokenMap(index, (True,) * 5 + (False,) + (True,) * 71, 77)
+
+
+def _p2p(token_map=None, cross=0.8, self_until=0.4, equalizer=None):
+    token_map = token_map or _identity_map()
+    return PromptToPrompt(token_map=token_map, cross_until=(cross,) * token_map.target_length,
+                          self_until=self_until, equalizer=equalizer)
+
+
+EDITS = {
+    "word_swap": lambda: [_p2p(cross=1.0, self_until=1.0)],
+    "refine": lambda: [_p2p(_identity_map())],
+    "reweight": lambda: [_p2p(equalizer=(1.0,) * 77)],
+    "local_blend": lambda: [_p2p(), LocalBlend(keys=(PromptKeys(77, (2,)), PromptKeys(77, (2,))))],
+    "masactrl": lambda: [MutualSelfAttention(start_step=0, start_layer=0)],
+    "masactrl_mask": lambda: [MutualSelfAttention(start_step=1, start_layer=0,
+                                                  mask_keys=(PromptKeys(77, (2,)), PromptKeys(77, (2,))))],
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_identity_edit_reproduces_the_source_and_leaves_it_untouched(unet, edit):
+    source, target, uncond = _contexts(same=True)
+    out = pair_sample(unet, EDITS[edit](), source, target, uncond)
+    assert (out[1] - out[0]).abs().max() < 1e-5
+    alone = pair_sample(unet, [], source, target, uncond, items=1)
+    assert (out[0] - alone[0]).abs().max() < 1e-4 * alone.abs().max()
+
+
+@pytest.mark.parametrize("edit", ["word_swap", "masactrl"])
+def test_edits_change_the_target_but_never_the_source(unet, edit):
+    source, target, uncond = _contexts()
+    plain = pair_sample(unet, [], source, target, uncond)
+    out = pair_sample(unet, EDITS[edit](), source, target, uncond)
+    assert (out[0] - plain[0]).abs().max() < 1e-4 * plain.abs().max()
+    assert (out[1] - plain[1]).abs().max() > 1e-2 * plain.abs().max()
+
+
+def test_full_word_swap_gives_the_target_the_source_cross_maps(unet):
+    """Cross replace 1.0, self replace 1.0: at every edited site the captured target maps are the source's."""
+    source, target, uncond = _contexts()
+    capture = AttentionMapCapture(max_tokens=32 * 32)
+    pair_sample(unet, [_p2p(cross=1.0, self_until=1.0), capture], source, target, uncond)
+    maps = capture.store.maps
+    assert (maps[1] - maps[0]).abs().max() < 1e-6
+    free = AttentionMapCapture(max_tokens=32 * 32)
+    pair_sample(unet, [free], source, target, uncond)
+    assert (free.store.maps[1] - free.store.maps[0]).abs().max() > 1e-3   # prompts differ without the edit
+
+
+def test_reweight_by_one_is_the_identity_and_other_factors_scale_the_word(unet):
+    source, target, uncond = _contexts()
+    plain = pair_sample(unet, [_p2p(_refine_map())], source, target, uncond)
+    by_one = pair_sample(unet, [_p2p(_refine_map(), equalizer=(1.0,) * 77)], source, target, uncond)
+    assert torch.equal(plain, by_one)
+    eq = [1.0] * 77
+    eq[2] = 3.0
+    capture = AttentionMapCapture(max_tokens=32 * 32)
+    pair_sample(unet, [_p2p(_refine_map(), cross=1.0, equalizer=tuple(eq)), capture], source, target, uncond)
+    maps = capture.store.maps
+    assert torch.allclose(maps[1, ..., 2], 3.0 * maps[0, ..., 2], rtol=1e-4, atol=1e-7)
+
+
+def test_masactrl_starting_after_the_last_step_is_the_identity(unet):
+    source, target, uncond = _contexts()
+    plain = pair_sample(unet, [], source, target, uncond)
+    late = pair_sample(unet, [MutualSelfAttention(start_step=STEPS, start_layer=0)], source, target, uncond)
+    assert torch.equal(plain, late)
+
+
+# ---- local blend and MasaCtrl masks on synthetic maps ----------------------------------------------------
+
+def test_local_blend_mask_joins_source_and_target_regions_and_only_grows():
+    blend = LocalBlend(keys=(PromptKeys(77, (1,)), PromptKeys(77, (1,))), threshold=0.5)
+    state = blend.new_run_state()
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 0, 0] = 1.0      # source word: top-left
+    maps[1, 7, 7] = 1.0      # target word: bottom-right
+    state.maps.sums = maps
+    mask = blend.update_mask(state, (16, 16))
+    assert mask.shape == (1, 1, 16, 16)
+    assert mask[0, 0, :4, :4].all() and mask[0, 0, -4:, -4:].all()   # 3x3 max-pool, then 2x nearest upsampling
+    assert mask[0, 0, 8, 8] == 0 and mask.sum() == 2 * 16
+    state.maps.sums = torch.zeros(2, 8, 8)
+    state.maps.sums[1, 4, 4] = 1.0
+    grown = blend.update_mask(state, (16, 16))
+    assert grown[0, 0, :4, :4].all() and grown[0, 0, 6:12, 6:12].all()
+    x = torch.randn(2, 4, 16, 16)
+    out = blend.blend(x, grown)
+    assert torch.equal(out[0], x[0])
+    assert torch.equal(out[1] * (1 - grown[0]), x[0] * (1 - grown[0]))
+    assert torch.equal(out[1] * grown[0], x[1] * grown[0])
+
+
+def test_local_blend_ignores_a_prompt_without_the_words():
+    blend = LocalBlend(keys=(PromptKeys(77, ()), PromptKeys(77, (3,))), threshold=0.5)
+    state = blend.new_run_state()
+    state.maps.sums = torch.ones(2, 4, 4)
+    state.maps.sums[1] = 0
+    state.maps.sums[1, 0, 0] = 1
+    mask = blend.update_mask(state, (4, 4))
+    assert mask.sum() == 4   # the target's pooled corner only; the source map (no words) does not count
+
+
+def test_masked_mutual_attention_keeps_foreground_and_background_apart():
+    keys = (PromptKeys(4, (1,)), PromptKeys(4, (1,)))
+    masa = MutualSelfAttention(start_step=0, start_layer=0, mask_keys=keys, mask_threshold=0.5)
+    run = RunState([masa])
+    state = run.of(masa)
+    fg = torch.zeros(2, 2, 2)
+    fg[:, 0, :] = 1.0          # top row is the subject in both images
+    state.maps.sums = fg
+    site = AttentionSite(0, "self", "output", 3)
+    call = AttentionCall(site, heads=1, step=0, num_steps=1, grid=(2, 2), layout=BatchLayout(("cond",), 2), run=run)
+    probs = torch.softmax(torch.randn(2, 1, 4, 4), dim=-1)
+    out = masa.edit_probs(call, probs)
+    assert torch.equal(out[0], probs[0])
+    target = out[1, 0]
+    assert torch.allclose(target.sum(-1), torch.ones(4))
+    assert target[:2, 2:].abs().max() == 0 and target[2:, :2].abs().max() == 0   # fg queries -> fg keys only

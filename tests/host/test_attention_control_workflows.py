@@ -1,0 +1,96 @@
+"""The shipped Prompt-to-Prompt / MasaCtrl workflows in the real ComfyUI executor, on the tiny model."""
+import pytest
+import torch
+
+from support import comfy_host
+
+STEPS = 6
+GENERATED = ["p2p_word_swap.json", "p2p_refine.json", "p2p_reweight.json", "p2p_local_blend.json"]
+PHOTO = ["p2p_real_photo.json", "masactrl_real_photo.json"]
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    comfy_host.require_host()
+    nodes = comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
+    comfy_host.write_example_photo()
+    return nodes
+
+
+def _prompt(name, **controller_inputs):
+    """A shipped workflow on the tiny model, shrunk for the CPU (64x64 image, few steps)."""
+    wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)
+    prompt = comfy_host.swap_checkpoint_loader(comfy_host.ui_to_api(wf))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            assert inputs["batch_size"] == 1
+            inputs.update(width=64, height=64)
+        elif node["class_type"] == "BasicScheduler":
+            inputs["steps"] = STEPS
+        elif node["class_type"] == "EditKitNullTextInvert":
+            inputs.update(steps=STEPS, inner_steps=2)
+    prompt[comfy_host.node_of(prompt, "EditKitAttentionController")]["inputs"].update(controller_inputs)
+    return prompt
+
+
+def _pair(prompt, result):
+    """The sampler's LATENT: (source, target)."""
+    samples = result.outputs[comfy_host.node_of(prompt, "SamplerCustomAdvanced")][0]["samples"]
+    assert samples.shape[0] == 2, samples.shape
+    assert torch.isfinite(samples).all()
+    return samples[0], samples[1]
+
+
+def test_shipped_workflows_use_the_full_size_settings(host):
+    for name in GENERATED + PHOTO:
+        prompt = comfy_host.ui_to_api(comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name))
+        assert prompt[comfy_host.node_of(prompt, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
+        controller = prompt[comfy_host.node_of(prompt, "EditKitAttentionController")]["inputs"]
+        assert controller["cfg"] == 7.5
+        if name in PHOTO:
+            invert = comfy_host.node_of(prompt, "EditKitNullTextInvert")
+            assert prompt[invert]["inputs"]["steps"] == 50 and prompt[invert]["inputs"]["guidance"] == 7.5
+            assert controller["inversion"] == [invert, 1]
+            # the controller's source prompt is the text the photo was inverted with
+            positive = prompt[invert]["inputs"]["positive"][0]
+            assert prompt[positive]["inputs"]["text"] == controller["source_prompt"]
+            sampler = prompt[comfy_host.node_of(prompt, "SamplerCustomAdvanced")]["inputs"]
+            assert sampler["sigmas"] == [invert, 2] and sampler["latent_image"] == [invert, 0]
+            assert prompt[sampler["noise"][0]]["class_type"] == "DisableNoise"
+        else:
+            latent = prompt[comfy_host.node_of(prompt, "EmptyLatentImage")]["inputs"]
+            assert (latent["width"], latent["height"], latent["batch_size"]) == (512, 512, 1)
+            assert prompt[comfy_host.node_of(prompt, "BasicScheduler")]["inputs"]["steps"] == 50
+            assert "inversion" not in controller
+
+
+@pytest.mark.parametrize("name", GENERATED + PHOTO)
+def test_workflow_edits_the_target_and_keeps_the_source(host, name):
+    prompt = _prompt(name)
+    result = comfy_host.run_prompt(prompt)
+    source, target = _pair(prompt, result)
+    assert (target - source).abs().max() > 1e-3, "the edit changed nothing"
+    images = result.ui[comfy_host.node_of(prompt, "SaveImage")]["images"]
+    assert len(images) == 2
+    if name == "masactrl_real_photo.json":
+        # direct inversion: the source branch reconstructs the photo's latent exactly
+        photo = result.outputs[comfy_host.node_of(prompt, "VAEEncode")][0]["samples"]
+        assert (source - photo[0]).abs().max() < 1e-4
+
+
+IDENTITY = {
+    "p2p_word_swap.json": dict(word_release=""),
+    "p2p_refine.json": {},
+    "p2p_reweight.json": dict(reweight="fluffy: 1"),
+    "p2p_local_blend.json": dict(blend_words="bicycle"),
+}
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_identity_edit_reproduces_the_source(host, name):
+    wf_prompt = _prompt(name)
+    source_prompt = wf_prompt[comfy_host.node_of(wf_prompt, "EditKitAttentionController")]["inputs"]["source_prompt"]
+    prompt = _prompt(name, target_prompt=source_prompt, **IDENTITY[name])
+    source, target = _pair(prompt, comfy_host.run_prompt(prompt))
+    assert (target - source).abs().max() < 1e-5
