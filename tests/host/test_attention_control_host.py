@@ -162,6 +162,16 @@ def test_bad_input_is_refused_with_a_clear_error(tiny, overrides, message):
         _guider(tiny, **overrides)
 
 
+def test_an_inversion_of_another_prompt_is_refused(tiny):
+    from editkit.core.inversion import Inversion
+    g = torch.Generator().manual_seed(5)
+    inversion = Inversion(mode="direct", sigmas=torch.linspace(10, 0, 5), latents=torch.randn(5, 4, 8, 8, generator=g),
+                          guidance=5.0, source_context=torch.randn(1, 77, 32, generator=g),
+                          negative_context=torch.randn(1, 77, 32, generator=g))
+    with pytest.raises(ValueError, match="source_prompt: it differs from the prompt the photo was inverted with"):
+        _guider(tiny, inversion=inversion)
+
+
 def test_a_latent_batch_is_refused(tiny):
     with pytest.raises(ValueError, match="latent: the edit samples one image"):
         _sample(_guider(tiny), tiny[0], latent=torch.zeros(2, 4, *SIZE))
