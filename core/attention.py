@@ -144,6 +144,12 @@ class AttentionCall:
         """Fraction of the run's steps already done when this call happens (0 at the first step)."""
         return self.step / max(self.num_steps, 1)
 
+    def before(self, fraction) -> bool | torch.Tensor:
+        """Whether this step lies in the first `fraction` of the run: step < int(fraction * steps), as the
+        reference implementations count (a float or a tensor of fractions)."""
+        limit = fraction * self.num_steps + 1e-6
+        return self.step < (limit.floor() if torch.is_tensor(limit) else math.floor(limit))
+
     def state(self, controller: "AttentionController"):
         return self.run.of(controller)
 

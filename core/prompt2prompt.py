@@ -134,8 +134,8 @@ class PromptToPrompt(AttentionController):
             return False
         tokens = call.grid[0] * call.grid[1]
         if call.site.kind == SELF:
-            return tokens <= self.self_max_tokens and call.progress < self.self_until
-        return tokens <= self.max_tokens and call.progress < max(self.cross_until, default=0.0)
+            return tokens <= self.self_max_tokens and call.before(self.self_until)
+        return tokens <= self.max_tokens and call.before(max(self.cross_until, default=0.0))
 
     def needs_probs(self, call: AttentionCall) -> bool:
         return True
@@ -155,10 +155,10 @@ class PromptToPrompt(AttentionController):
         total = target.shape[-1]
         mapped = fold_keys(source, self.token_map.source_length)[..., self._tensor("index", device)]
         own = fold_keys(target, self.token_map.target_length)
-        active = (call.progress < self._tensor("until", device)).float() * self._tensor("aligned", device)
+        in_window = call.before(self._tensor("until", device)).float()
+        active = in_window * self._tensor("aligned", device)
         edited = own + active * (mapped - own)
         if self.equalizer is not None:
-            in_window = (call.progress < self._tensor("until", device)).float()
             edited = edited * (1 + in_window * (self._tensor("equalizer", device) - 1))
         return unfold_keys(edited, total)
 

@@ -122,3 +122,16 @@ def test_token_grid(tokens, latent, expected):
 def test_token_grid_rejects_impossible_counts():
     with pytest.raises(ValueError):
         token_grid(7, (8, 8))
+
+
+def test_step_windows_count_like_the_reference_code():
+    """A fraction f of N steps covers steps 0 .. int(f * N) - 1 (Prompt-to-Prompt, Plug-and-Play)."""
+    import torch
+    from editkit.core.attention import AttentionCall, AttentionSite, BatchLayout, RunState
+    def call(step, steps):
+        return AttentionCall(AttentionSite(0, "self", "input", 1), 1, step, steps, (1, 1), BatchLayout(("cond",), 1),
+                             RunState())
+    assert [s for s in range(6) if call(s, 6).before(0.8)] == [0, 1, 2, 3]          # int(4.8) = 4
+    assert [s for s in range(50) if call(s, 50).before(0.4)] == list(range(20))
+    assert [s for s in range(100) if call(s, 100).before(0.29)] == list(range(29))  # 0.29 * 100 = 28.999...
+    assert call(3, 6).before(torch.tensor([0.5, 0.8])).tolist() == [False, True]
