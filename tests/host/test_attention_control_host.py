@@ -143,7 +143,9 @@ def test_real_photo_identity_edit_reproduces_the_reconstruction(tiny, mode):
         assert (out[0] - latent["samples"][0]).abs().max() < 1e-4
     edited, _ = _sample(_guider(tiny, source_prompt=prompt, target_prompt="a tiger sitting next to a mirror",
                                 inversion=inversion), model, latent=noised["samples"], sigmas=sigmas, noise=False)
-    assert (edited[0] - out[0]).abs().max() < 1e-5   # the source row does not depend on the target
+    # the source row does not depend on the target (up to float32 rounding of a differently filled batch;
+    # null-text on the random tiny model reaches latents of a few hundred)
+    assert (edited[0] - out[0]).abs().max() < 1e-6 * max(1.0, out.abs().max().item())
     assert (edited[1] - edited[0]).abs().max() > 1e-3
 
 
