@@ -107,14 +107,25 @@ def combine_maps(sums: dict) -> torch.Tensor:
 
 
 def fold_repeated_context(maps: torch.Tensor, context_length: int) -> torch.Tensor:
-    """Hosts repeat a shorter context to batch it with a longer one; sum each token's repeats back up."""
+    """Hosts repeat a shorter context to batch it with a longer one; sum each token's repeats back up.
+
+    A repeated key has the same logit in every copy, so the folded maps are the prompt's own."""
     nk = maps.shape[-1]
     if nk == context_length:
         return maps
     if nk % context_length:
-        raise ValueError(f"attention maps have {nk} key tokens, which is not a multiple of the prompt's "
-                         f"{context_length}: was the capture run with this prompt?")
+        raise ValueError(f"attention has {nk} key tokens, which is not a multiple of the prompt's "
+                         f"{context_length}: the conditioning does not come from this prompt")
     return maps.reshape(*maps.shape[:-1], nk // context_length, context_length).sum(dim=-2)
+
+
+def unfold_repeated_context(maps: torch.Tensor, total: int) -> torch.Tensor:
+    """The inverse of `fold_repeated_context`: spread each key's probability evenly over its repeats."""
+    length = maps.shape[-1]
+    if total == length:
+        return maps
+    copies = total // length
+    return (maps / copies).repeat(*([1] * (maps.ndim - 1)), copies)
 
 
 def word_maps(maps: torch.Tensor, positions: list[list[int]], context_length: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ targets. The source runs untouched; each target takes over parts of the source's
   keys and values (MasaCtrl, sec. 4.2), optionally split into foreground and background by masks from a
   word's cross-attention (sec. 4.3).
 
-Hosts may repeat a shorter context to batch prompts of different lengths (77 vs 154 tokens); a repeated
-key has the same logit in every copy, so folding the copies back (summing) recovers the prompt's maps.
+Hosts may repeat a shorter context to batch prompts of different lengths (77 vs 154 tokens); the maps are
+folded back to each prompt's own keys (`fold_repeated_context`) before they are compared or mapped.
 """
 from __future__ import annotations
 
@@ -22,31 +22,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .capture import AttentionMapStore
+from .capture import AttentionMapStore, fold_repeated_context, normalise_per_map, unfold_repeated_context
 from .attention import CROSS, SELF, AttentionCall, AttentionController, AttentionSite, level_grid
 from .tokens import TokenMap
 
 BLEND_LEVEL = 2   # maps of the 1/4-resolution layers: 16x16 for a 64x64 latent, as the paper's local blend
-
-
-def fold_keys(probs: torch.Tensor, length: int) -> torch.Tensor:
-    """(..., k * length) -> (..., length): sum a context's repeats."""
-    total = probs.shape[-1]
-    if total % length:
-        raise ValueError(f"cross-attention has {total} keys, not a multiple of the prompt's {length} tokens: "
-                         f"the conditioning does not come from the prompts this edit was built for")
-    if total == length:
-        return probs
-    return probs.reshape(*probs.shape[:-1], total // length, length).sum(dim=-2)
-
-
-def unfold_keys(probs: torch.Tensor, total: int) -> torch.Tensor:
-    """(..., length) -> (..., total): spread each key's probability evenly over its repeats."""
-    length = probs.shape[-1]
-    if total == length:
-        return probs
-    copies = total // length
-    return (probs / copies).repeat(*([1] * (probs.ndim - 1)), copies)
 
 
 def pair_rows(call: AttentionCall, branch: str | None = "cond") -> list[tuple[int, list[int]]]:
@@ -80,16 +60,13 @@ class _WordMaps:
         for row in layout.rows("cond"):
             item = layout.item_of(row)
             if item < len(keys) and keys[item].positions:
-                token_maps = fold_keys(probs[row].mean(dim=0), keys[item].context_length)
+                token_maps = fold_repeated_context(probs[row].mean(dim=0), keys[item].context_length)
                 maps[item] += token_maps[:, list(keys[item].positions)].sum(dim=-1)
         maps = maps.reshape(layout.items, h, w)
         self.sums = maps if self.sums is None else self.sums + maps
 
     def normalised(self) -> torch.Tensor | None:
-        if self.sums is None:
-            return None
-        peak = self.sums.flatten(1).amax(dim=1).clamp(min=1e-12)
-        return self.sums / peak[:, None, None]
+        return None if self.sums is None else normalise_per_map(self.sums)
 
 
 def _is_map_site(call: AttentionCall, level: int) -> bool:
@@ -153,14 +130,14 @@ class PromptToPrompt(AttentionController):
     def _cross(self, call: AttentionCall, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         device = source.device
         total = target.shape[-1]
-        mapped = fold_keys(source, self.token_map.source_length)[..., self._tensor("index", device)]
-        own = fold_keys(target, self.token_map.target_length)
+        mapped = fold_repeated_context(source, self.token_map.source_length)[..., self._tensor("index", device)]
+        own = fold_repeated_context(target, self.token_map.target_length)
         in_window = call.before(self._tensor("until", device)).float()
         active = in_window * self._tensor("aligned", device)
         edited = own + active * (mapped - own)
         if self.equalizer is not None:
             edited = edited * (1 + in_window * (self._tensor("equalizer", device) - 1))
-        return unfold_keys(edited, total)
+        return unfold_repeated_context(edited, total)
 
 
 @dataclass
@@ -211,8 +188,7 @@ class LocalBlend(AttentionController):
             return None if state.mask is None else state.mask.float()
         pooled = F.max_pool2d(maps[:, None], kernel_size=3, stride=1, padding=1)
         pooled = F.interpolate(pooled, size=tuple(latent_hw), mode="nearest")
-        peak = pooled.flatten(1).amax(dim=1).clamp(min=1e-12)
-        inside = (pooled / peak[:, None, None, None]) > self.threshold
+        inside = normalise_per_map(pooled) > self.threshold
         has_words = torch.tensor([bool(k.positions) for k in self.keys], device=inside.device)
         inside = inside & has_words[:, None, None, None]
         mask = inside[:1] | inside[1:]

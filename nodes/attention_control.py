@@ -42,24 +42,17 @@ class _Prompt:
         return ", ".join(prompt_words(self.tokens, self.id_to_piece)) or "(empty)"
 
 
-def _cross_until(target: _Prompt, default: float, word_release: str) -> tuple[float, ...]:
-    until = [default] * target.tokens.context_length
-    releases = parse_word_values(word_release, "word_release", 0.0, 1.0)
-    for (word, fraction), positions in zip(releases, target.positions([w for w, _ in releases], "word_release")):
-        for p in positions:
-            until[p] = fraction
-    return tuple(until)
-
-
-def _equalizer(target: _Prompt, reweight: str) -> tuple[float, ...] | None:
-    weights = parse_word_values(reweight, "reweight", -10.0, 10.0)
-    if not weights:
+def _per_target_key(target: _Prompt, text: str, input_name: str, default: float, low: float,
+                    high: float) -> tuple[float, ...] | None:
+    """One value per target key from 'word: value' pairs (`default` elsewhere); None when none is given."""
+    pairs = parse_word_values(text, input_name, low, high)
+    if not pairs:
         return None
-    eq = [1.0] * target.tokens.context_length
-    for (word, factor), positions in zip(weights, target.positions([w for w, _ in weights], "reweight")):
+    values = [default] * target.tokens.context_length
+    for (word, value), positions in zip(pairs, target.positions([w for w, _ in pairs], input_name)):
         for p in positions:
-            eq[p] = factor
-    return tuple(eq)
+            values[p] = value
+    return tuple(values)
 
 
 def _blend_keys(prompts: list[_Prompt], blend_words: str) -> tuple[PromptKeys, ...] | None:
@@ -183,9 +176,10 @@ class AttentionControllerNode(io.ComfyNode):
                 token_map = (swap_alignment if edit == "word_swap" else refinement_alignment)(source.tokens, target.tokens)
             except AlignmentError as e:
                 raise ValueError(str(e)) from None
-            controllers.append(PromptToPrompt(token_map=token_map,
-                                              cross_until=_cross_until(target, cross_replace, word_release),
-                                              self_until=self_replace, equalizer=_equalizer(target, reweight),
+            cross_until = (_per_target_key(target, word_release, "word_release", cross_replace, 0.0, 1.0)
+                           or (cross_replace,) * target.tokens.context_length)
+            controllers.append(PromptToPrompt(token_map=token_map, cross_until=cross_until, self_until=self_replace,
+                                              equalizer=_per_target_key(target, reweight, "reweight", 1.0, -10.0, 10.0),
                                               max_tokens=max_resolution ** 2))
         blend_keys = _blend_keys([source, target], blend_words)
         local_blend = None

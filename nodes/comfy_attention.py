@@ -164,6 +164,13 @@ def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
     return executor(x, timestep, model_options, seed)
 
 
+def evaluation_step(model_options: dict, timestep) -> int | None:
+    """The step the PREDICT_NOISE wrapper found for the evaluation at `timestep` (None outside a controlled run)."""
+    run = model_options.get("transformer_options", {}).get(RUN_KEY)
+    cached = run.host.get("step") if run is not None else None
+    return cached[1][0] if cached is not None and cached[0] is timestep else None
+
+
 def attach_controller(model_patcher, controller: AttentionController):
     """A clone of `model_patcher` with `controller` appended to its controllers. The input is untouched."""
     sites = attention_sites(model_patcher)

@@ -29,7 +29,7 @@ import torch
 from ..core.inversion import Inversion, direct_denoised
 from ..core.prompt2prompt import LocalBlend
 from ..core.schedule import step_index
-from .comfy_attention import RUN_KEY
+from .comfy_attention import RUN_KEY, evaluation_step
 from .inversion import check_deterministic_sampler, check_inversion_sigmas, inversion_negative
 
 
@@ -136,26 +136,23 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
 
         x = executor.execute(self, sigmas[:split + 1], extra_args, shifted(0), noise, latent_image, denoise_mask,
                              disable_pbar)
-        state = self._run(options).of(self.local_blend)
-        x = self.local_blend.blend(x, self.local_blend.update_mask(state, tuple(x.shape[-2:])))
+        x = self._blend(x, options)
         x = executor.execute(self, sigmas[split:], extra_args, shifted(split), torch.zeros_like(noise), x,
                              denoise_mask, disable_pbar)
         return self.inner_model.process_latent_out(x.to(torch.float32))
 
-    @staticmethod
-    def _run(model_options):
+    def _blend(self, x, model_options):
+        """Fold this run's word maps so far into the blend mask and keep the targets' outside on the source."""
         run = model_options.get("transformer_options", {}).get(RUN_KEY)
         if run is None:
             raise RuntimeError("the edit's model lost its attention controllers: connect the model the editing "
                                "node returned")
-        return run
+        mask = self.local_blend.update_mask(run.of(self.local_blend), tuple(x.shape[-2:]))
+        return self.local_blend.blend(x, mask)
 
     def _step(self, timestep, model_options) -> int:
-        run = model_options.get("transformer_options", {}).get(RUN_KEY)
-        cached = run.host.get("step") if run is not None else None
-        if cached is not None and cached[0] is timestep:
-            return cached[1][0]   # computed once per evaluation by the attention wrapper
-        return step_index(float(timestep.flatten()[0]), self.schedule)
+        step = evaluation_step(model_options, timestep)   # found once per evaluation, without a GPU read
+        return step if step is not None else step_index(float(timestep.flatten()[0]), self.schedule)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         step = min(self._step(timestep, model_options), max(len(self.schedule) - 2, 0))
@@ -168,6 +165,5 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
             target = direct_denoised(self.inversion.latents, self.schedule, step).to(out.device, out.dtype)
             out = out + (target - out[0])[None]
         if self.local_blend is not None and step >= self._blend_from(len(self.schedule) - 1):
-            state = self._run(model_options).of(self.local_blend)
-            out = self.local_blend.blend(out, self.local_blend.update_mask(state, tuple(x.shape[-2:])))
+            out = self._blend(out, model_options)
         return out

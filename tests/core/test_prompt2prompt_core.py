@@ -5,9 +5,8 @@ import torch
 
 from editkit.core import schedule
 from editkit.core.attention import AttentionCall, BatchLayout, RunState, AttentionSite, attention_probs
-from editkit.core.capture import AttentionMapCapture
-from editkit.core.prompt2prompt import (LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt, fold_keys,
-                                        unfold_keys)
+from editkit.core.capture import AttentionMapCapture, fold_repeated_context, unfold_repeated_context
+from editkit.core.prompt2prompt import LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt
 from editkit.core.tokens import AlignmentError, TokenMap, refinement_alignment, swap_alignment
 from support.clip_tokens import sd1_tokenizer, sd1_tokens
 
@@ -73,8 +72,8 @@ def test_folding_repeated_keys_recovers_the_prompt_attention():
     q, k = torch.randn(1, 5, 16, generator=g), torch.randn(1, 7, 16, generator=g)
     probs = attention_probs(q, k, heads=2)
     repeated = attention_probs(q, k.repeat(1, 3, 1), heads=2)
-    assert torch.allclose(fold_keys(repeated, 7), probs, atol=1e-6)
-    assert torch.allclose(unfold_keys(probs, 21), repeated, atol=1e-6)
+    assert torch.allclose(fold_repeated_context(repeated, 7), probs, atol=1e-6)
+    assert torch.allclose(unfold_repeated_context(probs, 21), repeated, atol=1e-6)
 
 
 # ---- controllers on a tiny diffusers UNet ---------------------------------------------------------------
