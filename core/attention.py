@@ -8,6 +8,9 @@ latent item each row belongs to). Controllers are small immutable objects; whate
 sampling run lives in a `RunState` that the adapter creates at the start of the run, never in the
 controller itself, so one patched model can serve several runs and several graphs without shared state.
 
+The same controllers may also edit residual features: a `FeatureSite` is the residual branch of a UNet
+block's residual block, seen through a `FeatureCall` with the same step and batch layout (Plug-and-Play).
+
 Tensor conventions (those of the host's attention functions):
 - q: (batch, query_tokens, heads * head_dim); k, v: (batch, key_tokens, heads * head_dim)
 - probabilities: (batch, heads, query_tokens, key_tokens)
@@ -127,17 +130,11 @@ class RunState:
             c.end_run(self._slots[id(c)], success)
 
 
-@dataclass
-class AttentionCall:
-    site: AttentionSite
-    heads: int
+class _StepWindow:
+    """Step arithmetic shared by every call a controller sees (attention calls and feature calls)."""
     step: int
     num_steps: int
-    grid: tuple[int, int]          # (h, w) of the query tokens
-    layout: BatchLayout
     run: RunState
-    sigma: float | None = None
-    latent_hw: tuple[int, int] | None = None   # (h, w) of the latent the UNet is denoising
 
     @property
     def progress(self) -> float:
@@ -152,6 +149,44 @@ class AttentionCall:
 
     def state(self, controller: "AttentionController"):
         return self.run.of(controller)
+
+
+@dataclass
+class AttentionCall(_StepWindow):
+    site: AttentionSite
+    heads: int
+    step: int
+    num_steps: int
+    grid: tuple[int, int]          # (h, w) of the query tokens
+    layout: BatchLayout
+    run: RunState
+    sigma: float | None = None
+    latent_hw: tuple[int, int] | None = None   # (h, w) of the latent the UNet is denoising
+
+
+@dataclass(frozen=True)
+class FeatureSite:
+    """The residual branch of the residual block that opens UNet block (`block`, `block_id`), named as
+    ComfyUI names blocks: the output of its last convolution, before the skip connection is added
+    (Plug-and-Play's "residual features", Tumanyan et al. 2023, sec. 4)."""
+    block: str
+    block_id: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.block}{self.block_id}.res"
+
+
+@dataclass
+class FeatureCall(_StepWindow):
+    """One evaluation of a feature site; features are (batch, channels, h, w)."""
+    site: FeatureSite
+    step: int
+    num_steps: int
+    layout: BatchLayout
+    run: RunState
+    sigma: float | None = None
+    latent_hw: tuple[int, int] | None = None
 
 
 class AttentionController:
@@ -187,6 +222,14 @@ class AttentionController:
     def end_run(self, state, success: bool) -> None:
         pass
 
+    # Feature sites (residual branches of UNet blocks), asked like attention sites: once when patching,
+    # then every call of a wanted site goes through `edit_features`.
+    def wants_feature(self, site: FeatureSite) -> bool:
+        return False
+
+    def edit_features(self, call: FeatureCall, features: torch.Tensor) -> torch.Tensor:
+        return features
+
     # Controllers are configuration: a host deep-copying its model options must share, not clone, them.
     def __deepcopy__(self, memo):
         return self
@@ -202,6 +245,9 @@ class ControlSet:
 
     def wants_site(self, site: AttentionSite) -> bool:
         return any(c.wants_site(site) for c in self.controllers)
+
+    def wants_feature(self, site: FeatureSite) -> bool:
+        return any(c.wants_feature(site) for c in self.controllers)
 
     def __deepcopy__(self, memo):
         return self
@@ -255,6 +301,15 @@ def controlled_attention(call: AttentionCall, q, k, v, controllers: Sequence[Att
     for c in active:
         out = c.edit_output(call, out)
     return out
+
+
+def controlled_features(call: FeatureCall, features: torch.Tensor,
+                        controllers: Sequence[AttentionController]) -> torch.Tensor:
+    """Run one feature site's output through the controllers that want the site, in order."""
+    for c in controllers:
+        if c.wants_feature(call.site):
+            features = c.edit_features(call, features)
+    return features
 
 
 def level_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:

@@ -3,6 +3,8 @@
 Used by the core tests (a real UNet without a host) and by anyone driving diffusers directly. Sites are
 named as ComfyUI names them: down_blocks[i].attentions[j] sits in ComfyUI's input block
 1 + (resnets and downsamplers before it), up_blocks[i].attentions[j] in output block (resnets before it) + j.
+Feature sites are the resnets of the same blocks (mid_block.resnets[0] opens the middle block); their
+residual branch is the output of `conv2`, which the adapter edits through a forward hook while installed.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import re
 
 import torch
 
-from .attention import (AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet, RunState,
-                        controlled_attention, sdpa_attention, sites_for_transformers, token_grid)
+from .attention import (AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet, FeatureCall,
+                        FeatureSite, RunState, controlled_attention, controlled_features, sdpa_attention,
+                        sites_for_transformers, token_grid)
 
 _NAME = re.compile(r"^(down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.attentions\.(\d+)"
                    r"\.transformer_blocks\.(\d+)\.(attn1|attn2)\.processor$")
@@ -54,6 +57,18 @@ def processor_sites(unet) -> dict[str, AttentionSite]:
         placed[name] = (key, "self" if attn == "attn1" else "cross")
     sites = {(s.block, s.block_id, s.index, s.kind): s for s in sites_for_transformers({k for k, _ in placed.values()})}
     return {name: sites[key + (kind,)] for name, (key, kind) in placed.items()}
+
+
+def feature_modules(unet) -> dict[FeatureSite, torch.nn.Module]:
+    """Feature site -> the convolution whose output is that resnet's residual branch."""
+    down, up = _comfy_block_ids(unet)
+    out = {}
+    for (i, j), block_id in down.items():
+        out[FeatureSite("input", block_id)] = unet.down_blocks[i].resnets[j].conv2
+    out[FeatureSite("middle", 0)] = unet.mid_block.resnets[0].conv2
+    for (i, j), block_id in up.items():
+        out[FeatureSite("output", block_id)] = unet.up_blocks[i].resnets[j].conv2
+    return out
 
 
 class _Session:
@@ -101,6 +116,7 @@ class DiffusersAttentionAdapter:
         self.sites = processor_sites(unet)
         self.session: _Session | None = None
         self._original = None
+        self._hooks = []
 
     def site_list(self) -> list[AttentionSite]:
         return sorted(self.sites.values(), key=lambda s: s.execution_order)
@@ -117,12 +133,29 @@ class DiffusersAttentionAdapter:
             else:
                 procs[name] = proc
         self.unet.set_attn_processor(procs)
+        for site, module in feature_modules(self.unet).items():
+            if self.controls.wants_feature(site):
+                self._hooks.append(module.register_forward_hook(self._feature_hook(site)))
         return self
+
+    def _feature_hook(self, site: FeatureSite):
+        def hook(module, args, output):
+            session = self.session
+            if session is None:
+                return output
+            layout = session.layout or BatchLayout(("cond",), output.shape[0])
+            call = FeatureCall(site=site, step=session.step, num_steps=session.num_steps, layout=layout,
+                               run=session.run, sigma=session.sigma, latent_hw=tuple(session.latent_hw))
+            return controlled_features(call, output, self.controls.controllers)
+        return hook
 
     def uninstall(self) -> None:
         if self._original is not None:
             self.unet.set_attn_processor(self._original)
             self._original = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     @contextlib.contextmanager
     def run(self, num_steps: int, latent_hw: tuple[int, int], layout: BatchLayout | None = None):

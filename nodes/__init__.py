@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .attention_control import NODES as ATTENTION_CONTROL_NODES
 from .attention_maps import NODES as ATTENTION_MAP_NODES
+from .feature_injection import NODES as FEATURE_INJECTION_NODES
 from .inversion import NODES as INVERSION_NODES
 
 
 class EditKitExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*ATTENTION_MAP_NODES, *ATTENTION_CONTROL_NODES, *INVERSION_NODES]
+        return [*ATTENTION_MAP_NODES, *ATTENTION_CONTROL_NODES, *INVERSION_NODES, *FEATURE_INJECTION_NODES]

@@ -7,6 +7,9 @@ How it hooks in (ComfyUI v0.12.1):
 - An OUTER_SAMPLE wrapper creates a fresh `RunState` for each sampling run and puts it in the run's own
   copy of the transformer options (CFGGuider.sample copies them per run), so state never outlives a run
   nor crosses between graphs; the wrapper closes the run (controllers publish results) in `finally`.
+- Feature sites (residual branches of ResBlocks) have no ComfyUI patch point: a DIFFUSION_MODEL wrapper
+  registers a forward hook on each wanted ResBlock's last convolution for the duration of one UNet call
+  and removes it in `finally`, so nothing stays on the shared module between calls or across clones.
 - The patches read the ControlSet and the RunState from the call's options, not from themselves:
   ModelPatcher.clone deep-copies model options but only shallow-copies wrappers, so nothing may rely on
   object identity across a clone.
@@ -16,9 +19,11 @@ from __future__ import annotations
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-from ..core.attention import (AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet, RunState,
-                              controlled_attention, sites_for_transformers)
+from ..core.attention import (AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet, FeatureCall,
+                              FeatureSite, RunState, controlled_attention, controlled_features,
+                              sites_for_transformers)
 from ..core.schedule import step_index
 
 CONTROLS_KEY = "editkit_controls"
@@ -41,18 +46,32 @@ def _unet(model_patcher):
     return diffusion_model
 
 
+def _unet_blocks(unet):
+    """(block, block_id, module sequence) of every UNet block, in ComfyUI's naming."""
+    yield from (("input", i, seq) for i, seq in enumerate(unet.input_blocks))
+    yield "middle", 0, unet.middle_block
+    yield from (("output", i, seq) for i, seq in enumerate(unet.output_blocks))
+
+
 def transformer_blocks(model_patcher) -> list[tuple[str, int, int]]:
     """(block, block_id, index) of every transformer block, found from the model itself."""
-    unet = _unet(model_patcher)
     found = []
-    groups = [("input", enumerate(unet.input_blocks)), ("middle", [(0, unet.middle_block)]),
-              ("output", enumerate(unet.output_blocks))]
-    for block, blocks in groups:
-        for block_id, seq in blocks:
-            for module in seq:
-                if isinstance(module, SpatialTransformer):
-                    found.extend((block, block_id, i) for i in range(len(module.transformer_blocks)))
+    for block, block_id, seq in _unet_blocks(_unet(model_patcher)):
+        for module in seq:
+            if isinstance(module, SpatialTransformer):
+                found.extend((block, block_id, i) for i in range(len(module.transformer_blocks)))
     return found
+
+
+def _residual_branches(unet) -> dict[FeatureSite, "torch.nn.Module"]:
+    """Feature site -> the last layer of its ResBlock's residual branch (out_layers' convolution)."""
+    return {FeatureSite(block, block_id): seq[0].out_layers[-1]
+            for block, block_id, seq in _unet_blocks(unet) if len(seq) and isinstance(seq[0], ResBlock)}
+
+
+def feature_sites(model_patcher) -> list[FeatureSite]:
+    """Every block that opens with a ResBlock, found from the model itself."""
+    return list(_residual_branches(_unet(model_patcher)))
 
 
 def attention_sites(model_patcher) -> list[AttentionSite]:
@@ -164,6 +183,40 @@ def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
     return executor(x, timestep, model_options, seed)
 
 
+class _FeatureHook:
+    """Forward hook on a residual branch: its output goes through the controllers of that feature site."""
+
+    def __init__(self, site: FeatureSite, options: dict, run: RunState, controls: ControlSet, latent_hw):
+        self.site, self.options, self.run, self.controls, self.latent_hw = site, options, run, controls, latent_hw
+
+    def __call__(self, module, args, output):
+        step, num_steps, sigma = _current_step(self.run, self.options)
+        layout = BatchLayout.from_cond_or_uncond(self.options.get("cond_or_uncond"), output.shape[0])
+        call = FeatureCall(site=self.site, step=step, num_steps=num_steps, layout=layout, run=self.run,
+                           sigma=sigma, latent_hw=self.latent_hw)
+        return controlled_features(call, output, self.controls.controllers)
+
+
+def _diffusion_model_wrapper(executor, x, *args, **kwargs):
+    """Hooks the wanted residual branches for this one UNet call (args: timesteps, context, y, control,
+    transformer_options, as UNetModel._forward takes them)."""
+    options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
+    controls: ControlSet | None = options.get(CONTROLS_KEY)
+    run: RunState | None = options.get(RUN_KEY)
+    if controls is None or run is None:
+        return executor(x, *args, **kwargs)
+    latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
+    handles = []
+    try:
+        for site, module in _residual_branches(executor.class_obj).items():
+            if controls.wants_feature(site):
+                handles.append(module.register_forward_hook(_FeatureHook(site, options, run, controls, latent_hw)))
+        return executor(x, *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def evaluation_step(model_options: dict, timestep) -> int | None:
     """The step the PREDICT_NOISE wrapper found for the evaluation at `timestep` (None outside a controlled run)."""
     run = model_options.get("transformer_options", {}).get(RUN_KEY)
@@ -198,6 +251,9 @@ def attach_controller(model_patcher, controller: AttentionController):
     if not patched.get_wrappers(wrappers.OUTER_SAMPLE, WRAPPER_KEY):
         patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
         patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
+    if (any(controller.wants_feature(site) for site in feature_sites(model_patcher))
+            and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY)):
+        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, _diffusion_model_wrapper)
     return patched
 
 

@@ -207,16 +207,21 @@ def inversion_negative(conds: dict, inversion: Inversion, step: int):
         return conds["source"]
     if inversion.mode == "null_text":
         embedding = inversion.uncond_embeddings[step][None]
-        out = []
-        for c in conds["negative"]:
-            c = c.copy()
-            model_conds = dict(c["model_conds"])
-            template = model_conds["c_crossattn"]
-            model_conds["c_crossattn"] = template._copy_with(embedding.to(template.cond.device, template.cond.dtype))
-            c["model_conds"] = model_conds
-            out.append(c)
-        return out
+        return replace_context(conds["negative"], lambda old: embedding.to(old.device, old.dtype))
     return conds["negative"]
+
+
+def replace_context(conds: list, make_context) -> list:
+    """Copies of processed conds whose cross-attention context is `make_context(current context)`."""
+    out = []
+    for c in conds:
+        c = c.copy()
+        model_conds = dict(c["model_conds"])
+        template = model_conds["c_crossattn"]
+        model_conds["c_crossattn"] = template._copy_with(make_context(template.cond))
+        c["model_conds"] = model_conds
+        out.append(c)
+    return out
 
 
 class InversionCFGGuider(comfy.samplers.CFGGuider):

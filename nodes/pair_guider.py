@@ -7,7 +7,8 @@ one-image LATENT:
   items, so the items differ only where the edit makes them differ (Prompt-to-Prompt keeps x_T fixed);
 - per-item prompts travel as one conditioning with a batch of contexts (ComfyUI repeats a conditioning to
   the latent batch, and keeps a batch that already matches), repeated to a common length when prompts
-  span a different number of 77-token chunks;
+  span a different number of 77-token chunks; the targets may have their own negative prompt, and the
+  options of the user's conditioning (a ControlNet, for one) apply to the whole batch;
 - with an INVERSION the unconditional branch is the inversion's at each step, and in direct mode the
   source's deviation from the stored trajectory is removed from every item (Ju et al. 2023), so the
   source reconstructs the photo exactly and an identity edit reproduces it too;
@@ -30,7 +31,7 @@ from ..core.inversion import Inversion, direct_denoised
 from ..core.prompt2prompt import LocalBlend
 from ..core.schedule import step_index
 from .comfy_attention import RUN_KEY, evaluation_step
-from .inversion import check_deterministic_sampler, check_inversion_sigmas, inversion_negative
+from .inversion import check_deterministic_sampler, check_inversion_sigmas, inversion_negative, replace_context
 
 
 def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
@@ -65,18 +66,27 @@ def shared_noise_sampler(sampler, items: int):
 
 
 class PairCFGGuider(comfy.samplers.CFGGuider):
+    """`contexts`: one prompt encoding per item (source first). `negative`: the unconditional encoding of
+    every item (with an inversion: the inversion's own, per step), unless `target_negative` gives the
+    targets their own. `positive_options` / `negative_options`: conditioning options (e.g. a ControlNet)."""
+
     def __init__(self, model_patcher, contexts: list[torch.Tensor], negative: torch.Tensor | None, cfg: float,
-                 inversion: Inversion | None = None, local_blend: LocalBlend | None = None):
+                 inversion: Inversion | None = None, local_blend: LocalBlend | None = None,
+                 target_negative: torch.Tensor | None = None, positive_options: dict | None = None,
+                 negative_options: dict | None = None):
         super().__init__(model_patcher)
         self.items = len(contexts)
         self.contexts, self.negative = contexts, negative
         self.inversion = inversion
         self.local_blend = local_blend
+        self.target_negative = target_negative
         if inversion is not None:
             negative = inversion.negative_context
-        conds = {"positive": [[stack_contexts(contexts), {}]], "negative": [[negative, {}]]}
+        negative_options = dict(negative_options or {})
+        conds = {"positive": [[stack_contexts(contexts), dict(positive_options or {})]],
+                 "negative": [[negative, negative_options]]}
         if inversion is not None:
-            conds["source"] = [[inversion.source_context, {}]]
+            conds["source"] = [[inversion.source_context, dict(negative_options)]]
         self.inner_set_conds(conds)
         self.set_cfg(cfg)
         self.schedule: list[float] = []
@@ -150,6 +160,11 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
         mask = self.local_blend.update_mask(run.of(self.local_blend), tuple(x.shape[-2:]))
         return self.local_blend.blend(x, mask)
 
+    def _with_target_negative(self, source_negative: torch.Tensor) -> torch.Tensor:
+        """The unconditional contexts of the batch: the source's, then the targets' own."""
+        target = self.target_negative.to(source_negative.device, source_negative.dtype)
+        return stack_contexts([source_negative[:1]] + [target] * (self.items - 1))
+
     def _step(self, timestep, model_options) -> int:
         step = evaluation_step(model_options, timestep)   # found once per evaluation, without a GPU read
         return step if step is not None else step_index(float(timestep.flatten()[0]), self.schedule)
@@ -159,6 +174,8 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
         negative = self.conds.get("negative")
         if self.inversion is not None:
             negative = inversion_negative(self.conds, self.inversion, step)
+        if self.target_negative is not None:
+            negative = replace_context(negative, self._with_target_negative)
         out = comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, self.conds.get("positive"),
                                                self.cfg, model_options=model_options, seed=seed)
         if self.inversion is not None and self.inversion.mode == "direct":

@@ -9,10 +9,7 @@ from editkit.core.capture import AttentionMapCapture, fold_repeated_context, unf
 from editkit.core.prompt2prompt import LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt
 from editkit.core.tokens import AlignmentError, TokenMap, refinement_alignment, swap_alignment
 from support.clip_tokens import sd1_tokenizer, sd1_tokens
-
-STEPS = 6
-LATENT_HW = (16, 16)
-
+from support.pair_sampling import LATENT_HW, STEPS, pair_sample
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -89,29 +86,6 @@ def _contexts(same=False):
     g = torch.Generator().manual_seed(1)
     source, target, uncond = (torch.randn(1, 77, 32, generator=g) for _ in range(3))
     return source, (source.clone() if same else target), uncond
-
-
-@torch.no_grad()
-def pair_sample(unet, controllers, source, target, uncond, cfg=5.0, items=2):
-    """DDIM with CFG over the batch [source, target] x [cond, uncond] (ComfyUI's row order), same x_T."""
-    from editkit.core.diffusers_adapter import DiffusersAttentionAdapter
-    alphas = schedule.sd_alphas_cumprod().float()
-    timesteps = torch.linspace(999, 0, STEPS).round().long()
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(1, 4, *LATENT_HW, generator=g) * (1 - alphas[timesteps[0]]).sqrt()).repeat(items, 1, 1, 1)
-    contexts = torch.cat([source, target][:items] + [uncond] * items)
-    adapter = DiffusersAttentionAdapter(unet, controllers).install()
-    try:
-        with adapter.run(STEPS, LATENT_HW, BatchLayout(("cond", "uncond"), items)) as session:
-            for i, t in enumerate(timesteps):
-                session.step = i
-                eps_c, eps_u = unet(torch.cat([x, x]), t, encoder_hidden_states=contexts).sample.chunk(2)
-                eps = eps_u + cfg * (eps_c - eps_u)
-                a_next = alphas[timesteps[i + 1]] if i + 1 < STEPS else torch.tensor(1.0)
-                x = schedule.ddim_step(x, eps, alphas[t], a_next)
-    finally:
-        adapter.uninstall()
-    return x
 
 
 def _identity_map(length=77):

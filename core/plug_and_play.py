@@ -1,0 +1,86 @@
+"""Plug-and-Play feature and self-attention injection (Tumanyan et al., CVPR 2023).
+
+The source image's diffusion features carry its structure: the residual features of the first decoder
+levels hold the spatial layout, and the decoder's self-attention (its queries and keys, i.e. the affinity
+between positions) holds how the parts relate. Translating the image with a new prompt while injecting
+these from the source's own denoising pass keeps the layout and changes the appearance (paper, sec. 4;
+reference: residual features at decoder layer 4 for the first 0.8 of the steps, self-attention queries and
+keys at decoder layers 4 to 11 for the first 0.5, values never injected).
+
+Here "decoder layer n" is ComfyUI's output block n (diffusers: up_blocks[n // 3].resnets[n % 3] for SD1.5).
+The source runs in the same batch as its targets (item 0 of each chunk, as the pair guider lays them out),
+so its features are injected at the same step and call they are computed in: target rows of a chunk take
+the source row of that chunk, which keeps the unconditional chunk consistent under any batching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import SELF, AttentionCall, AttentionController, AttentionSite, BatchLayout, FeatureCall, FeatureSite
+
+DECODER = "output"
+
+
+def inject_source(x: torch.Tensor, layout: BatchLayout, strength: float = 1.0) -> torch.Tensor:
+    """Target rows of each chunk moved towards the chunk's source row (item 0); strength 1 copies it."""
+    if layout.items < 2 or strength == 0 or x.shape[0] != layout.size:
+        return x
+    shaped = x.reshape(len(layout.chunks), layout.items, *x.shape[1:])
+    source = shaped[:, :1]
+    targets = shaped[:, 1:]
+    targets = source.expand_as(targets) if strength == 1 else torch.lerp(targets, source.expand_as(targets), strength)
+    return torch.cat([source, targets], dim=1).reshape(x.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class PlugAndPlay(AttentionController):
+    """Injects the source's residual features and self-attention q, k into the targets.
+
+    `feature_layers` / `attention_layers`: decoder (output block) indices; `*_until`: fraction of the steps
+    from the first during which they are injected; `strength`: 1 replaces the target's by the source's,
+    smaller values interpolate (0 is no injection).
+    """
+    feature_layers: frozenset[int] = frozenset({4})
+    feature_until: float = 0.8
+    attention_layers: frozenset[int] = frozenset(range(4, 12))
+    attention_until: float = 0.5
+    strength: float = 1.0
+
+    def wants_site(self, site: AttentionSite) -> bool:
+        return site.kind == SELF and site.block == DECODER and site.block_id in self.attention_layers
+
+    def acts_on(self, call: AttentionCall) -> bool:
+        return (call.layout.items > 1 and self.strength != 0 and self.wants_site(call.site)
+                and call.before(self.attention_until))
+
+    def edit_qkv(self, call: AttentionCall, q, k, v):
+        return inject_source(q, call.layout, self.strength), inject_source(k, call.layout, self.strength), v
+
+    def wants_feature(self, site: FeatureSite) -> bool:
+        return site.block == DECODER and site.block_id in self.feature_layers
+
+    def edit_features(self, call: FeatureCall, features: torch.Tensor) -> torch.Tensor:
+        if call.layout.items < 2 or not call.before(self.feature_until):
+            return features
+        return inject_source(features, call.layout, self.strength)
+
+
+def parse_layers(text: str, input_name: str) -> tuple[int, ...]:
+    """'4-11', '4, 6, 8' or '' (none) -> sorted unique layer indices; malformed text is a ValueError."""
+    layers: set[int] = set()
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        try:
+            first, last = (int(low), int(high)) if dash else (int(part), int(part))
+        except ValueError:
+            raise ValueError(f"{input_name}: cannot read '{part}'; write layer indices and ranges such as "
+                             f"'4-11' or '4, 6, 8'") from None
+        if first < 0 or last < first:
+            raise ValueError(f"{input_name}: '{part}' is not a range of layer indices (from low to high, from 0)")
+        layers.update(range(first, last + 1))
+    return tuple(sorted(layers))

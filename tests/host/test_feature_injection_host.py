@@ -1,0 +1,193 @@
+"""The Feature Injector node (Plug-and-Play) and its pair guider inside the real ComfyUI, on the tiny model."""
+import pytest
+import torch
+
+from support import comfy_host
+from support.controllers import Recorder
+
+STEPS = 6
+PHOTO_PROMPT = ""   # Plug-and-Play inverts with an empty prompt
+TARGET_PROMPT = "a marble sculpture of a cat"
+NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    comfy_host.require_host()
+    return comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
+
+
+@pytest.fixture(scope="module")
+def tiny(host):
+    from support.tiny_models import tiny_checkpoint
+    return tiny_checkpoint(seed=0)
+
+
+def _encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+@pytest.fixture(scope="module")
+def photo(tiny):
+    model, clip, vae = tiny
+    g = torch.Generator().manual_seed(5)
+    return {"samples": vae.encode(torch.rand(1, 64, 64, 3, generator=g))}
+
+
+def _invert(tiny, photo, mode):
+    from editkit.nodes.inversion import NullTextInvert
+    model, clip, _ = tiny
+    noised, inversion, sigmas = NullTextInvert.execute(model, _encode(clip, PHOTO_PROMPT), _encode(clip, ""), photo,
+                                                       mode, STEPS, "ddim_uniform", 5.0, 2, 0.01, 1e-5).result
+    return noised["samples"], inversion, sigmas
+
+
+@pytest.fixture(scope="module")
+def direct(tiny, photo):
+    return _invert(tiny, photo, "direct")
+
+
+def _inject(tiny, inversion, target=TARGET_PROMPT, negative=NEGATIVE_PROMPT, **overrides):
+    from editkit.nodes.feature_injection import FeatureInjectorNode
+    model, clip, _ = tiny
+    args = dict(feature_layers="4", feature_until=0.8, attention_layers="4-11", attention_until=0.5, strength=1.0,
+                cfg=5.0)
+    args.update(overrides)
+    return FeatureInjectorNode.execute(model=model, inversion=inversion, positive=_encode(clip, target),
+                                       negative=_encode(clip, negative), **args).result
+
+
+def _sample(guider, noised, sigmas, sampler="ddim"):
+    import comfy.samplers
+    return guider.sample(torch.zeros_like(noised), noised, comfy.samplers.sampler_object(sampler), sigmas,
+                         disable_pbar=True, seed=0)
+
+
+def test_the_photo_prompt_as_target_with_full_injection_reproduces_the_photo(tiny, photo, direct):
+    noised, inversion, sigmas = direct
+    guider, _ = _inject(tiny, inversion, target=PHOTO_PROMPT, negative="", feature_until=1.0, attention_until=1.0)
+    out = _sample(guider, noised, sigmas)
+    assert out.shape == (2, *photo["samples"].shape[1:])
+    assert (out[1] - out[0]).abs().max() < 1e-5
+    assert (out[0] - photo["samples"][0]).abs().max() < 1e-4   # direct inversion: the source is the photo
+
+
+def test_fractions_zero_give_what_the_unpatched_model_gives_the_target_prompt(tiny, photo):
+    """No injection: the translation is plain CFG sampling of the target prompt from the noised photo."""
+    import comfy.samplers
+    model, clip, _ = tiny
+    noised, inversion, sigmas = _invert(tiny, photo, "ddim")
+    guider, _ = _inject(tiny, inversion, feature_until=0.0, attention_until=0.0)
+    out = _sample(guider, noised, sigmas)
+    plain = comfy.samplers.CFGGuider(model)
+    plain.set_conds(_encode(clip, TARGET_PROMPT), _encode(clip, NEGATIVE_PROMPT))
+    plain.set_cfg(5.0)
+    expected = _sample(plain, noised, sigmas)[0]
+    assert (out[1] - expected).abs().max() <= 1e-4 * expected.abs().max()
+    injected = _sample(_inject(tiny, inversion)[0], noised, sigmas)
+    assert (injected[1] - expected).abs().max() > 1e-2
+
+
+def test_the_patched_model_alone_samples_one_image_exactly_as_the_input_model(tiny, photo, direct):
+    """One image has no target rows: the patch changes nothing, and no hook stays on the shared UNet."""
+    import comfy.samplers
+    model, clip, _ = tiny
+    noised, inversion, sigmas = direct
+    _, patched = _inject(tiny, inversion)
+    outs = []
+    for m in (model, patched):
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(_encode(clip, TARGET_PROMPT), _encode(clip, NEGATIVE_PROMPT))
+        guider.set_cfg(5.0)
+        outs.append(_sample(guider, noised, sigmas, sampler="euler"))
+    assert torch.equal(outs[0], outs[1])
+    unet = model.model.diffusion_model
+    assert not any(m._forward_hooks for m in unet.modules())
+
+
+def test_injected_features_and_queries_keys_equal_the_source_branch_at_each_step(tiny, direct):
+    from editkit.nodes.comfy_attention import attach_controller
+    from editkit.nodes.inversion import conditioning_context
+    from editkit.nodes.pair_guider import PairCFGGuider
+    model, clip, _ = tiny
+    noised, inversion, sigmas = direct
+    _, patched = _inject(tiny, inversion)
+    recorder = Recorder(attention=lambda s: s.kind == "self" and s.block == "output",
+                        features=lambda s: s.block == "output" and s.block_id in (4, 5))
+    recorded = attach_controller(patched, recorder)   # after the injection: it sees the injected tensors
+    guider = PairCFGGuider(recorded, [inversion.source_context, conditioning_context(_encode(clip, TARGET_PROMPT), "p")],
+                           None, 5.0, inversion=inversion,
+                           target_negative=conditioning_context(_encode(clip, NEGATIVE_PROMPT), "n"))
+    _sample(guider, noised, sigmas)
+    run = recorder.runs[-1]
+    steps = sigmas.shape[-1] - 1   # ddim_uniform may give one step more than asked
+
+    def pairs(tensor, layout):   # (chunk, item, ...)
+        return tensor.reshape(len(layout.chunks), layout.items, *tensor.shape[1:])
+
+    seen = 0
+    for step in range(steps):
+        for record in run[("output4.res", step)]:
+            h = pairs(record["h"], record["layout"])
+            assert torch.equal(h[:, 1], h[:, 0]) == (step < int(0.8 * steps)), step
+            seen += 1
+        for record in run[("output5.res", step)]:
+            h = pairs(record["h"], record["layout"])
+            assert not torch.equal(h[:, 1], h[:, 0])
+        for block_id in range(3, 12):
+            for record in run[(f"output{block_id}.0.self", step)]:
+                injected = block_id >= 4 and step < int(0.5 * steps)
+                for name in ("q", "k"):
+                    t = pairs(record[name], record["layout"])
+                    assert torch.equal(t[:, 1], t[:, 0]) == injected, (block_id, step, name)
+    assert seen >= steps
+
+
+def test_translation_keeps_the_photo_and_moves_the_target_only(tiny, photo, direct):
+    model, clip, _ = tiny
+    noised, inversion, sigmas = direct
+    before = dict(model.model_options.get("transformer_options", {}))
+    out = _sample(_inject(tiny, inversion)[0], noised, sigmas)
+    free = _sample(_inject(tiny, inversion, feature_until=0.0, attention_until=0.0)[0], noised, sigmas)
+    assert model.model_options.get("transformer_options", {}) == before
+    assert (out[0] - photo["samples"][0]).abs().max() < 1e-4
+    assert (out[1] - out[0]).abs().max() > 1e-3
+    # structure kept: the injected translation stays closer to the photo than the free one
+    assert (out[1] - out[0]).abs().mean() < (free[1] - free[0]).abs().mean()
+
+
+def test_it_composes_with_an_attention_controller_on_its_model(tiny, direct):
+    from editkit.nodes.attention_control import AttentionControllerNode
+    model, clip, _ = tiny
+    noised, inversion, sigmas = direct
+    _, patched = _inject(tiny, inversion, feature_until=1.0, attention_until=1.0)
+    settings = dict(negative_prompt="", edit="refine", cross_replace=0.8, self_replace=0.4, word_release="",
+                    reweight="", blend_words="", blend_threshold=0.3, blend_start=0.0, masactrl_start_step=4,
+                    masactrl_start_layer=10, masactrl_mask_word="", max_resolution=32, cfg=5.0, inversion=inversion)
+    same = AttentionControllerNode.execute(model=patched, clip=clip, source_prompt=PHOTO_PROMPT,
+                                           target_prompt=PHOTO_PROMPT, **settings).result[0]
+    out = _sample(same, noised, sigmas)
+    assert (out[1] - out[0]).abs().max() < 1e-5
+    edit = AttentionControllerNode.execute(model=patched, clip=clip, source_prompt=PHOTO_PROMPT,
+                                           target_prompt="a watercolor painting", **settings).result[0]
+    out = _sample(edit, noised, sigmas)
+    assert torch.isfinite(out).all() and (out[1] - out[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"feature_layers": "12"}, "feature_layers: decoder layer 12 has no residual block in this model; decoder "
+                               "layers with residual block: 0-11"),
+    ({"attention_layers": "1-11"}, "attention_layers: decoder layer 1 has no self-attention in this model; decoder "
+                                   "layers with self-attention: 3-11"),
+    ({"attention_layers": "4-x"}, "attention_layers: cannot read '4-x'"),
+    ({"feature_layers": "5-4"}, "feature_layers: '5-4' is not a range"),
+])
+def test_bad_layers_are_refused_with_a_clear_error(tiny, direct, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _inject(tiny, direct[1], **overrides)
+
+
+def test_a_sampler_that_cannot_follow_the_inversion_is_refused(tiny, direct):
+    noised, inversion, sigmas = direct
+    with pytest.raises(ValueError, match="sampler"):
+        _sample(_inject(tiny, inversion)[0], noised, sigmas, sampler="dpmpp_2m_sde")
