@@ -261,7 +261,49 @@ def rows_attention_control(bench: Bench, pack):
         yield name, t, peak, floor, bench.steps
 
 
-ROWS = [rows_foundation, rows_inversion, rows_attention_control]
+def rows_feature_injection(bench: Bench, pack):
+    """Plug-and-Play translation of a photo: our direct inversion (n steps) plus the batched source + target
+    translation (batch 4 per step), against the reference pipeline's cost: an inversion of 20x the steps
+    (1000 for 50) at batch 1, then source + target with CFG at batch 3 per step."""
+    import comfy.samplers
+    from editkit.core.inversion import Inversion, ddim_invert
+    from editkit.core.plug_and_play import PlugAndPlay
+    from editkit.nodes.comfy_attention import attach_controller
+    from editkit.nodes.inversion import ComfyEps
+    from editkit.nodes.pair_guider import PairCFGGuider
+    n = bench.steps
+    t_eval1, t_eval3, t_eval4 = bench.unet_eval(1), bench.unet_eval(3), bench.unet_eval(4)
+    yield "one UNet evaluation, batch 4", t_eval4, None, t_eval4, 1
+    model_sampling = bench.model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", n).float().cpu()
+    n = sigmas.shape[0] - 1
+    eps = ComfyEps(bench.model)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, *bench.latent_hw, generator=g).to(bench.device)
+    empty = bench.negative[0][0]
+    latents, t_inv, peak_inv = timed(bench.device, lambda: ddim_invert(eps, x0, sigmas, empty.to(bench.device)))
+    yield f"direct inversion ({n} steps, empty prompt)", t_inv, peak_inv, n * t_eval1, n
+    inversion = Inversion(mode="direct", sigmas=sigmas, latents=latents.cpu(), guidance=7.5, source_context=empty,
+                          negative_context=empty)
+    model = attach_controller(bench.model, PlugAndPlay())
+    guider = PairCFGGuider(model, [empty, bench.positive[0][0]], None, 7.5, inversion=inversion,
+                           target_negative=bench.negative[0][0])
+    noised = inversion.noised[None]
+
+    def translate():
+        guider.sample(torch.zeros_like(noised), noised, comfy.samplers.sampler_object("ddim"), sigmas,
+                      disable_pbar=True, seed=0)
+    t_pnp, peak = bench._fastest(translate, 3)
+    yield "PnP translation, source + target batched", t_pnp, peak, n * t_eval4, n
+    yield "  our total: inversion + translation", t_inv + t_pnp, max(peak, peak_inv), n * (t_eval1 + t_eval4), 2 * n
+    long_sigmas = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", 20 * n).float().cpu()
+    long_n = long_sigmas.shape[0] - 1
+    _, t_long, _ = timed(bench.device, lambda: ddim_invert(eps, x0, long_sigmas, empty.to(bench.device)))
+    yield f"  reference: {long_n}-step inversion + {n} steps", t_long + n * t_eval3, None, \
+        n * (t_eval1 + t_eval4), long_n + n
+
+
+ROWS = [rows_foundation, rows_inversion, rows_attention_control, rows_feature_injection]
 
 
 def boot(cpu: bool):
@@ -276,7 +318,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
-    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control)")
+    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection)")
     args = parser.parse_args()
     cpu = args.tiny or not torch.cuda.is_available()
     pack = boot(cpu)

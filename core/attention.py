@@ -117,6 +117,9 @@ class RunState:
         self._slots = {id(c): c.new_run_state() for c in controllers}
         self._controllers = list(controllers)
         self.host: dict = {}   # the adapter's own per-run cache (e.g. the step of the current evaluation)
+        # True when the run samples a source (latent item 0) with its targets (items 1..), set by the pair
+        # sampler; controllers that copy the source into the targets act only then, never on a plain batch.
+        self.pair = False
 
     def of(self, controller: "AttentionController"):
         key = id(controller)

@@ -74,8 +74,9 @@ def feature_modules(unet) -> dict[FeatureSite, torch.nn.Module]:
 class _Session:
     """Per-run state of the adapter: the run's controller states, the current step and batch layout."""
 
-    def __init__(self, controls: ControlSet, num_steps: int, layout: BatchLayout | None, latent_hw):
+    def __init__(self, controls: ControlSet, num_steps: int, layout: BatchLayout | None, latent_hw, pair: bool):
         self.run = RunState(controls.controllers)
+        self.run.pair = pair
         self.num_steps = num_steps
         self.step = 0
         self.layout = layout
@@ -158,9 +159,10 @@ class DiffusersAttentionAdapter:
         self._hooks = []
 
     @contextlib.contextmanager
-    def run(self, num_steps: int, latent_hw: tuple[int, int], layout: BatchLayout | None = None):
-        """One sampling run: set `.step` (and `.sigma`, `.layout`) on the yielded session before each call."""
-        session = _Session(self.controls, num_steps, layout, latent_hw)
+    def run(self, num_steps: int, latent_hw: tuple[int, int], layout: BatchLayout | None = None, pair: bool = False):
+        """One sampling run: set `.step` (and `.sigma`, `.layout`) on the yielded session before each call.
+        `pair`: the batch holds a source (item 0) and its targets."""
+        session = _Session(self.controls, num_steps, layout, latent_hw, pair)
         self.session = session
         ok = False
         try:

@@ -36,7 +36,8 @@ def inject_source(x: torch.Tensor, layout: BatchLayout, strength: float = 1.0) -
 
 @dataclass(frozen=True, eq=False)
 class PlugAndPlay(AttentionController):
-    """Injects the source's residual features and self-attention q, k into the targets.
+    """Injects the source's residual features and self-attention q, k into the targets (in pair runs only:
+    a plain batch sampled with the patched model is left alone).
 
     `feature_layers` / `attention_layers`: decoder (output block) indices; `*_until`: fraction of the steps
     from the first during which they are injected; `strength`: 1 replaces the target's by the source's,
@@ -52,7 +53,7 @@ class PlugAndPlay(AttentionController):
         return site.kind == SELF and site.block == DECODER and site.block_id in self.attention_layers
 
     def acts_on(self, call: AttentionCall) -> bool:
-        return (call.layout.items > 1 and self.strength != 0 and self.wants_site(call.site)
+        return (call.run.pair and call.layout.items > 1 and self.strength != 0 and self.wants_site(call.site)
                 and call.before(self.attention_until))
 
     def edit_qkv(self, call: AttentionCall, q, k, v):
@@ -62,7 +63,7 @@ class PlugAndPlay(AttentionController):
         return site.block == DECODER and site.block_id in self.feature_layers
 
     def edit_features(self, call: FeatureCall, features: torch.Tensor) -> torch.Tensor:
-        if call.layout.items < 2 or not call.before(self.feature_until):
+        if not call.run.pair or call.layout.items < 2 or not call.before(self.feature_until):
             return features
         return inject_source(features, call.layout, self.strength)
 

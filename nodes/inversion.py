@@ -28,11 +28,12 @@ def _unet_model(model):
     inner = model.model
     if not isinstance(inner.model_sampling, comfy.model_sampling.EPS) or not hasattr(inner, "diffusion_model") \
             or not hasattr(inner.diffusion_model, "input_blocks"):
-        raise ValueError(f"model: inversion needs an SD 1.x / SD 2.x UNet (noise or v prediction); got "
+        raise ValueError(f"model: real-image inversion and editing need an SD 1.x / SD 2.x UNet (noise or v "
+                         f"prediction); got "
                          f"{type(inner).__name__} with {type(inner.model_sampling).__name__} sampling")
     if getattr(inner, "adm_channels", 0):
         raise ValueError("model: SDXL-style models (pooled text conditioning) are not supported by the "
-                         "inversion yet; use an SD 1.x or SD 2.x checkpoint")
+                         "inversion and editing nodes yet; use an SD 1.x or SD 2.x checkpoint")
     return inner
 
 

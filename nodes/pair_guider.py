@@ -170,6 +170,9 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
         return step if step is not None else step_index(float(timestep.flatten()[0]), self.schedule)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
+        run = model_options.get("transformer_options", {}).get(RUN_KEY)
+        if run is not None:
+            run.pair = True   # the controllers may copy the source row into the target rows
         step = min(self._step(timestep, model_options), max(len(self.schedule) - 2, 0))
         negative = self.conds.get("negative")
         if self.inversion is not None:

@@ -43,6 +43,14 @@ def test_source_prompt_as_target_with_full_injection_reproduces_the_source(unet)
     assert (x[0] - alone[0]).abs().max() <= 1e-4 * alone.abs().max()   # batch size changes float rounding only
 
 
+def test_a_plain_batch_is_never_injected(unet):
+    source, target, uncond, target_uncond = _prompts()
+    plain = pair_sample(unet, [], source, target, uncond, target_uncond=target_uncond, pair=False)
+    patched = pair_sample(unet, [PlugAndPlay(feature_until=1.0, attention_until=1.0)], source, target, uncond,
+                          target_uncond=target_uncond, pair=False)
+    assert torch.equal(patched, plain)
+
+
 def test_injection_fractions_zero_change_nothing(unet):
     source, target, uncond, target_uncond = _prompts()
     plain = pair_sample(unet, [], source, target, uncond, target_uncond=target_uncond)
@@ -82,3 +90,14 @@ def test_injection_never_changes_the_source_and_keeps_the_target_closer_to_it(un
     assert torch.equal(injected[0], plain[0])
     assert not torch.allclose(injected[1], plain[1])
     assert (injected[1] - injected[0]).abs().mean() < (plain[1] - plain[0]).abs().mean()
+
+
+def test_layer_lists_read_indices_and_ranges_and_refuse_anything_else():
+    from editkit.core.plug_and_play import parse_layers
+    assert parse_layers("4-11", "attention_layers") == tuple(range(4, 12))
+    assert parse_layers(" 6, 4; 5-6 ", "x") == (4, 5, 6)
+    assert parse_layers("", "x") == ()
+    with pytest.raises(ValueError, match="feature_layers: cannot read 'four'"):
+        parse_layers("four", "feature_layers")
+    with pytest.raises(ValueError, match="attention_layers: '11-4' is not a range"):
+        parse_layers("11-4", "attention_layers")

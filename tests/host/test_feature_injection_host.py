@@ -88,18 +88,20 @@ def test_fractions_zero_give_what_the_unpatched_model_gives_the_target_prompt(ti
     assert (injected[1] - expected).abs().max() > 1e-2
 
 
-def test_the_patched_model_alone_samples_one_image_exactly_as_the_input_model(tiny, photo, direct):
-    """One image has no target rows: the patch changes nothing, and no hook stays on the shared UNet."""
+def test_the_patched_model_samples_a_plain_batch_exactly_as_the_input_model(tiny, photo, direct):
+    """Outside the pair guider nothing is injected (a batch's first image does not drive the others), and no
+    hook stays on the shared UNet."""
     import comfy.samplers
     model, clip, _ = tiny
     noised, inversion, sigmas = direct
     _, patched = _inject(tiny, inversion)
+    batch = torch.cat([noised, noised.flip(-1)])
     outs = []
     for m in (model, patched):
         guider = comfy.samplers.CFGGuider(m)
         guider.set_conds(_encode(clip, TARGET_PROMPT), _encode(clip, NEGATIVE_PROMPT))
         guider.set_cfg(5.0)
-        outs.append(_sample(guider, noised, sigmas, sampler="euler"))
+        outs.append(_sample(guider, batch, sigmas, sampler="euler"))
     assert torch.equal(outs[0], outs[1])
     unet = model.model.diffusion_model
     assert not any(m._forward_hooks for m in unet.modules())

@@ -9,9 +9,9 @@ LATENT_HW = (16, 16)
 
 
 @torch.no_grad()
-def pair_sample(unet, controllers, source, target, uncond, cfg=5.0, items=2, target_uncond=None):
+def pair_sample(unet, controllers, source, target, uncond, cfg=5.0, items=2, target_uncond=None, pair=True):
     """DDIM with CFG over the batch [source, target] x [cond, uncond] (ComfyUI's row order), same x_T; the
-    target's unconditional context may differ from the source's."""
+    target's unconditional context may differ from the source's. `pair=False`: a plain batch of two images."""
     from editkit.core.diffusers_adapter import DiffusersAttentionAdapter
     alphas = schedule.sd_alphas_cumprod().float()
     timesteps = torch.linspace(999, 0, STEPS).round().long()
@@ -21,7 +21,7 @@ def pair_sample(unet, controllers, source, target, uncond, cfg=5.0, items=2, tar
     contexts = torch.cat([source, target][:items] + [uncond] + [target_uncond] * (items - 1))
     adapter = DiffusersAttentionAdapter(unet, controllers).install()
     try:
-        with adapter.run(STEPS, LATENT_HW, BatchLayout(("cond", "uncond"), items)) as session:
+        with adapter.run(STEPS, LATENT_HW, BatchLayout(("cond", "uncond"), items), pair=pair) as session:
             for i, t in enumerate(timesteps):
                 session.step = i
                 eps_c, eps_u = unet(torch.cat([x, x]), t, encoder_hidden_states=contexts).sample.chunk(2)

@@ -21,6 +21,9 @@ Public API (float32, CPU):
 * ``make_comfy_clip(seed=0)``   -> ``comfy.sd.CLIP``
 * ``make_comfy_vae(seed=0)``    -> ``comfy.sd.VAE``
 * ``tiny_checkpoint(seed=0)``   -> ``(MODEL, CLIP, VAE)``
+* ``tiny_controlnet_state_dict(seed=0)`` -> a ControlNet state dict for ``comfy.controlnet``
+* ``save_tiny_controlnet(folder, seed=0, name=...)`` -> its file, for ControlNetLoader
+  (``.safetensors``, or a ``torch.save`` dict under any other name, e.g. ``.pth``)
 
 Only ``make_diffusers_unet`` works without ComfyUI; the ``make_comfy_*``
 functions need ComfyUI to have been booted first
@@ -49,6 +52,9 @@ __all__ = [
     "make_comfy_clip",
     "make_comfy_vae",
     "tiny_checkpoint",
+    "TINY_CONTROLNET_CONFIG",
+    "tiny_controlnet_state_dict",
+    "save_tiny_controlnet",
     "clear_caches",
 ]
 
@@ -150,7 +156,7 @@ TINY_VAE_DDCONFIG = {
 }
 
 # Distinct sub-seeds so that UNet / CLIP / VAE weights are independent.
-_SUBSEED = {"unet": 0, "clip": 1, "vae": 2}
+_SUBSEED = {"unet": 0, "clip": 1, "vae": 2, "controlnet": 3}
 _BIAS_STD = 0.02
 
 
@@ -357,3 +363,73 @@ def clear_caches() -> None:
         _unet_sd_cache.clear()
         _vae_sd_cache.clear()
         _ckpt_cache.clear()
+
+
+# ----------------------------------------------------------------------------
+# ControlNet
+# ----------------------------------------------------------------------------
+
+# The tiny UNet's layout (channels, res blocks, down-sampling, context) for ``comfy.cldm.cldm.ControlNet``, with
+# transformers only where ComfyUI can rebuild them from a file: an SD1.5 ControlNet of unknown size is detected
+# as ``supported_models_base.BASE`` (``model_detection.model_config_from_unet`` finds no SD15 match at 32
+# channels), which means heads of 64 channels. A 32-channel level would get 0 heads (zero-size layers that do
+# not load), so the transformers sit on the 64-channel level and in the middle (one head of 64 each). The
+# ControlNet's own attention never has to match the UNet's: only its outputs (one per input block and the
+# middle block, added to the UNet's skip connections) must have the UNet's channels, and they do.
+TINY_CONTROLNET_CONFIG = {
+    **{k: v for k, v in TINY_COMFY_UNET_CONFIG.items() if k not in ("out_channels", "transformer_depth_output")},
+    "transformer_depth": [0, 0, 0, 0, 1, 1, 0, 0],
+    "num_heads": -1,
+    "num_head_channels": 64,
+    "hint_channels": 3,
+}
+_ZERO_CONV_GAIN = 0.5
+
+
+def tiny_controlnet_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights of a tiny SD1.5-layout ControlNet (hint: an RGB image at 8x the latent size), under the keys
+    ``comfy.controlnet.load_controlnet_state_dict`` reads for an ldm ControlNet without prefix
+    (``input_hint_block.*``, ``input_blocks.*``, ``zero_convs.N.0.*``, ``middle_block.*``,
+    ``middle_block_out.0.*``).
+
+    Every weight is initialised from the seed, the "zero" convolutions too (a ControlNet with zero outputs
+    would change nothing to test): they get N(0, 0.5 / sqrt(fan_in)) weights.
+    """
+    _require_comfy()
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    net = comfy.cldm.cldm.ControlNet(**TINY_CONTROLNET_CONFIG, dtype=torch.float32, device=torch.device("cpu"),
+                                     operations=comfy.ops.disable_weight_init)
+    generator = _generator(seed, "controlnet")
+    init_weights_(net, generator)
+    for conv in list(net.zero_convs) + [net.middle_block_out]:
+        init_weights_(conv, generator, gain=_ZERO_CONV_GAIN)
+    sd = {k: v.detach().to(torch.float32).clone().contiguous() for k, v in net.state_dict().items()}
+    dead = [k for k, v in sd.items() if (k.startswith("zero_convs.") or k.startswith("middle_block_out."))
+            and k.endswith(".weight") and not v.abs().sum() > 0]
+    if dead:
+        raise RuntimeError(f"zero convolutions left at zero: {dead[:3]}")
+    return sd
+
+
+def save_tiny_controlnet(folder, seed: int = 0, name: str = "tiny_controlnet_sd15.safetensors"):
+    """Write ``tiny_controlnet_state_dict(seed)`` to ``folder/name`` and return the path: safetensors for a
+    ``.safetensors`` name, otherwise a plain ``torch.save`` dict of tensors (what ComfyUI reads from ``.pth``
+    / ``.ckpt`` files with ``weights_only``), so a test can give it the name a shipped workflow expects.
+
+    Put the folder on ComfyUI's ``controlnet`` search path
+    (``folder_paths.add_model_folder_path("controlnet", folder)``) and ControlNetLoader lists ``name``.
+    """
+    import pathlib
+
+    path = pathlib.Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = tiny_controlnet_state_dict(seed)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, str(path))
+    return path

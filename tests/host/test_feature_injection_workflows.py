@@ -1,0 +1,176 @@
+"""The shipped Plug-and-Play workflows in the real ComfyUI executor, on the tiny model (and a tiny ControlNet)."""
+import copy
+
+import pytest
+import torch
+
+from support import comfy_host
+
+STEPS = 6
+PLAIN = "pnp_photo_translation.json"
+CONTROLNET = "pnp_photo_translation_controlnet.json"
+WORKFLOWS = [PLAIN, CONTROLNET]
+CONTROLNET_FILE = "control_v11f1p_sd15_depth.pth"   # the name the shipped workflow loads
+DEPTH_MAP = "example_depth.png"
+CONTROLNET_BRANCH = ("ControlNetLoader", "ControlNetApplyAdvanced", "LoadImage")   # (the depth map's LoadImage)
+NEGATIVE = "ugly, blurry, black, low res, unrealistic"
+
+
+def _write_depth_map(size: int = 64) -> None:
+    """A synthetic depth map (near in the middle, far at the edges), grey as a depth preprocessor gives it."""
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:size, 0:size] / (size - 1.0)
+    depth = np.clip(1.0 - 1.6 * np.hypot(x - 0.5, y - 0.4), 0.0, 1.0)
+    Image.fromarray((np.repeat(depth[..., None], 3, axis=-1) * 255).astype(np.uint8)).save(
+        comfy_host.host_dirs()["input"] / DEPTH_MAP)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    comfy_host.require_host()
+    nodes = comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
+    comfy_host.write_example_photo()
+    _write_depth_map()
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def controlnet_folder(host, tmp_path_factory):
+    """The tiny ControlNet under the shipped workflow's file name, in a folder ComfyUI's ControlNetLoader lists
+    first (the ComfyUI tree stays untouched); the folder is unregistered afterwards."""
+    import folder_paths
+    from support.tiny_models import save_tiny_controlnet
+    folder = tmp_path_factory.mktemp("controlnet")
+    save_tiny_controlnet(folder, seed=0, name=CONTROLNET_FILE)
+    folder_paths.add_model_folder_path("controlnet", str(folder), is_default=True)
+    yield folder
+    folder_paths.folder_names_and_paths["controlnet"][0].remove(str(folder))
+    folder_paths.filename_list_cache.pop("controlnet", None)
+
+
+def _workflow(name, controlnet_enabled=False):
+    wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)
+    if controlnet_enabled:
+        branch = [n for n in wf["nodes"] if n["mode"] == comfy_host.MODE_BYPASS]
+        assert sorted(n["type"] for n in branch) == sorted(CONTROLNET_BRANCH)
+        for n in branch:
+            n["mode"] = 0
+    return wf
+
+
+def _prompt(name, controlnet_enabled=False, target=None, negative=None, **injector_inputs):
+    """A shipped workflow on the tiny model, shrunk for the CPU (the 64x64 photo, few steps)."""
+    prompt = comfy_host.swap_checkpoint_loader(comfy_host.ui_to_api(_workflow(name, controlnet_enabled)))
+    invert = comfy_host.node_of(prompt, "EditKitNullTextInvert")
+    prompt[invert]["inputs"].update(steps=STEPS, inner_steps=2)
+    injector = prompt[comfy_host.node_of(prompt, "EditKitFeatureInjector")]["inputs"]
+    injector.update(injector_inputs)
+    for text, port in ((target, "positive"), (negative, "negative")):
+        if text is not None:
+            encoder = _text_encoder(prompt, injector[port])
+            prompt[encoder]["inputs"]["text"] = text
+    return prompt
+
+
+def _text_encoder(prompt, link):
+    """The CLIPTextEncode behind a conditioning link (through Apply ControlNet when it is enabled)."""
+    node, slot = link
+    if prompt[node]["class_type"] == "ControlNetApplyAdvanced":
+        return _text_encoder(prompt, prompt[node]["inputs"][("positive", "negative")[slot]])
+    assert prompt[node]["class_type"] == "CLIPTextEncode"
+    return node
+
+
+def _run(prompt):
+    """(source, translation, photo latent) of one run."""
+    result = comfy_host.run_prompt(prompt)
+    samples = result.outputs[comfy_host.node_of(prompt, "SamplerCustomAdvanced")][0]["samples"]
+    assert samples.shape[0] == 2, samples.shape
+    assert torch.isfinite(samples).all()
+    assert len(result.ui[comfy_host.node_of(prompt, "SaveImage")]["images"]) == 2
+    photo = result.outputs[comfy_host.node_of(prompt, "VAEEncode")][0]["samples"]
+    return samples[0], samples[1], photo[0]
+
+
+@pytest.fixture(scope="module")
+def shipped_runs(host):
+    """Each shipped workflow as shipped (the ControlNet branch bypassed), run once for the module."""
+    return {name: _run(_prompt(name)) for name in WORKFLOWS}
+
+
+def test_shipped_workflows_use_the_full_size_settings(host):
+    for name in WORKFLOWS:
+        wf = _workflow(name)
+        prompt = comfy_host.ui_to_api(wf)
+        assert prompt[comfy_host.node_of(prompt, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
+        invert = comfy_host.node_of(prompt, "EditKitNullTextInvert")
+        inputs = prompt[invert]["inputs"]
+        assert (inputs["mode"], inputs["steps"], inputs["guidance"], inputs["scheduler"]) == ("direct", 50, 7.5, "ddim_uniform")
+        # the photo is inverted with the empty prompt, which is also its unconditional prompt
+        assert inputs["positive"] == inputs["negative"]
+        assert prompt[inputs["positive"][0]]["inputs"]["text"] == ""
+        injector = prompt[comfy_host.node_of(prompt, "EditKitFeatureInjector")]["inputs"]
+        assert {k: injector[k] for k in ("feature_layers", "feature_until", "attention_layers", "attention_until",
+                                         "strength", "cfg")} == dict(feature_layers="4", feature_until=0.8,
+                                                                     attention_layers="4-11", attention_until=0.5,
+                                                                     strength=1.0, cfg=7.5)
+        assert injector["inversion"] == [invert, 1]
+        assert injector["model"] == prompt[invert]["inputs"]["model"]
+        assert prompt[_text_encoder(prompt, injector["positive"])]["inputs"]["text"] == "a photo of a marble sculpture"
+        assert prompt[_text_encoder(prompt, injector["negative"])]["inputs"]["text"] == NEGATIVE
+        sampler = prompt[comfy_host.node_of(prompt, "SamplerCustomAdvanced")]["inputs"]
+        assert sampler["sigmas"] == [invert, 2] and sampler["latent_image"] == [invert, 0]
+        assert prompt[sampler["noise"][0]]["class_type"] == "DisableNoise"
+        assert prompt[sampler["sampler"][0]]["inputs"]["sampler_name"] == "ddim"
+        assert prompt[sampler["guider"][0]]["class_type"] == "EditKitFeatureInjector"
+        notes = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
+        assert len(notes) == 1 and "Tumanyan" in notes[0]["widgets_values"][0]
+        bypassed = sorted(n["type"] for n in wf["nodes"] if n["mode"] == comfy_host.MODE_BYPASS)
+        if name == CONTROLNET:
+            # the branch ships bypassed: the prompt has none of its nodes, the injector reads the encoders
+            assert bypassed == sorted(CONTROLNET_BRANCH)
+            assert not {"ControlNetLoader", "ControlNetApplyAdvanced"} & {n["class_type"] for n in prompt.values()}
+            assert "Ctrl+B" in notes[0]["widgets_values"][0]
+            enabled = comfy_host.ui_to_api(_workflow(name, controlnet_enabled=True))
+            apply = comfy_host.node_of(enabled, "ControlNetApplyAdvanced")
+            injector = enabled[comfy_host.node_of(enabled, "EditKitFeatureInjector")]["inputs"]
+            assert injector["positive"] == [apply, 0] and injector["negative"] == [apply, 1]
+            settings = enabled[apply]["inputs"]
+            assert (settings["strength"], settings["start_percent"], settings["end_percent"]) == (0.8, 0.0, 1.0)
+            assert enabled[settings["control_net"][0]]["inputs"]["control_net_name"] == CONTROLNET_FILE
+            assert enabled[settings["image"][0]]["inputs"]["image"] == DEPTH_MAP
+        else:
+            assert bypassed == []
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_reconstructs_the_photo_and_translates_it(shipped_runs, name):
+    source, translation, photo = shipped_runs[name]
+    assert (source - photo).abs().max() < 1e-4   # direct inversion: the source branch is the photo
+    assert (translation - source).abs().max() > 1e-3, "the translation changed nothing"
+
+
+def test_the_bypassed_controlnet_branch_changes_nothing(shipped_runs):
+    for a, b in zip(shipped_runs[PLAIN], shipped_runs[CONTROLNET]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_the_photo_prompt_with_full_injection_reproduces_the_photo(host, name):
+    prompt = _prompt(name, target="", negative="", feature_until=1.0, attention_until=1.0)
+    source, translation, photo = _run(prompt)
+    assert (translation - source).abs().max() < 1e-5
+    assert (source - photo).abs().max() < 1e-4
+
+
+def test_the_enabled_controlnet_branch_conditions_the_translation(shipped_runs, controlnet_folder):
+    prompt = _prompt(CONTROLNET, controlnet_enabled=True)
+    source, translation, photo = _run(prompt)
+    assert (source - photo).abs().max() < 1e-4   # the ControlNet does not move the photo's reconstruction
+    bypassed = shipped_runs[CONTROLNET][1]
+    assert (translation - bypassed).abs().max() > 1e-4, "the ControlNet changed nothing"
+    # the difference is the ControlNet's: at strength 0 Apply ControlNet passes the prompts on unchanged
+    off = copy.deepcopy(prompt)
+    off[comfy_host.node_of(off, "ControlNetApplyAdvanced")]["inputs"]["strength"] = 0.0
+    assert torch.equal(_run(off)[1], bypassed)
