@@ -89,6 +89,10 @@ class FeatureInjectorNode(io.ComfyNode):
         inner = _unet_model(model)
         if inversion.source_context is None:
             raise ValueError("inversion: it carries no source prompt encoding; invert the photo with 'Invert Image'")
+        for conditioning, name in ((positive, "positive"), (negative, "negative")):
+            if isinstance(conditioning, list) and len(conditioning) > 1:
+                raise ValueError(f"{name}: the translation takes one prompt encoding, got {len(conditioning)} "
+                                 f"(from Conditioning Combine or area nodes); connect a single text encoding")
         target = conditioning_context(positive, "positive")
         target_negative = conditioning_context(negative, "negative")
         for context, name in ((target, "positive"), (target_negative, "negative")):

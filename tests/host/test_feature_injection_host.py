@@ -189,7 +189,36 @@ def test_bad_layers_are_refused_with_a_clear_error(tiny, direct, overrides, mess
         _inject(tiny, direct[1], **overrides)
 
 
+def test_a_combined_conditioning_is_refused(tiny, direct):
+    from editkit.nodes.feature_injection import FeatureInjectorNode
+    model, clip, _ = tiny
+    combined = _encode(clip, "a cat") + _encode(clip, "a dog")
+    with pytest.raises(ValueError, match="positive: the translation takes one prompt encoding, got 2"):
+        FeatureInjectorNode.execute(model, direct[1], combined, _encode(clip, ""), "4", 0.8, "4-11", 0.5, 1.0, 7.5)
+
+
 def test_a_sampler_that_cannot_follow_the_inversion_is_refused(tiny, direct):
     noised, inversion, sigmas = direct
     with pytest.raises(ValueError, match="sampler"):
         _sample(_inject(tiny, inversion)[0], noised, sigmas, sampler="dpmpp_2m_sde")
+
+
+def test_a_lora_patched_model_keeps_its_patch_and_the_invariants(tiny, photo, direct):
+    """Weight patches (what LoraLoader adds) travel with the clone the node patches."""
+    model, clip, _ = tiny
+    noised, inversion, sigmas = direct
+    lora = model.clone()
+    key = "diffusion_model.output_blocks.6.0.out_layers.3.weight"
+    weight = lora.get_model_object(key.replace(".weight", "")).weight
+    delta = 0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(7))
+    lora.add_patches({key: (delta,)}, 1.0)
+    _, _, vae = tiny
+
+    def translate(m, **overrides):
+        return _sample(_inject((m, clip, vae), inversion, **overrides)[0], noised, sigmas)
+    with_lora, without = translate(lora), translate(model)
+    assert (with_lora[0] - photo["samples"][0]).abs().max() < 1e-4
+    assert (with_lora[1] - without[1]).abs().max() > 1e-3   # the LoRA is applied
+    same = translate(lora, target=PHOTO_PROMPT, negative="", feature_until=1.0, attention_until=1.0)
+    assert (same[1] - same[0]).abs().max() < 1e-5
+    assert not model.patches   # the input model never got the patch
