@@ -60,7 +60,7 @@ def main():
     from editkit.nodes.inversion import ComfyEps, NullTextInvert
     from support.tiny_models import tiny_checkpoint
     model, clip, vae = tiny_checkpoint(seed=0)
-    encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))   # noqa: E731
+    encode = lambda text: comfy_host.encode(clip, text)   # noqa: E731
     photo = {"samples": vae.encode(synthetic_photo(args.size))}
     t = time.perf_counter()
     noised, ours, sigmas = NullTextInvert.execute(model, encode(""), encode(""), photo, "direct", args.steps,

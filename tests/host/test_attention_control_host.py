@@ -2,22 +2,10 @@
 import pytest
 import torch
 
-from support import comfy_host
+from support.comfy_host import encode
 
 STEPS = 6
 SIZE = (16, 16)   # latent: 128 px
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    comfy_host.require_host()
-    return comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
-
-
-@pytest.fixture(scope="module")
-def tiny(host):
-    from support.tiny_models import tiny_checkpoint
-    return tiny_checkpoint(seed=0)
 
 
 def _settings(**overrides):
@@ -81,8 +69,8 @@ def test_pair_without_an_active_edit_equals_plain_sampling_of_each_prompt(tiny):
     noise = comfy.sample.prepare_noise(latent, 0)
     for item, text in enumerate(["a cat riding a bicycle", "a cat riding a red bicycle"]):
         alone = comfy.sample.sample(model, noise, STEPS, 5.0, "euler", "normal",
-                                    clip.encode_from_tokens_scheduled(clip.tokenize(text)),
-                                    clip.encode_from_tokens_scheduled(clip.tokenize("")), latent, disable_pbar=True, seed=0)
+                                    encode(clip, text),
+                                    encode(clip, ""), latent, disable_pbar=True, seed=0)
         assert (out[item] - alone[0]).abs().max() < 1e-4 * alone.abs().max()
 
 
@@ -132,8 +120,7 @@ def test_real_photo_identity_edit_reproduces_the_reconstruction(tiny, mode):
     photo = torch.rand(1, 64, 64, 3, generator=g)
     latent = {"samples": vae.encode(photo)}
     prompt = "a cat sitting next to a mirror"
-    encode = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))   # noqa: E731
-    noised, inversion, sigmas = NullTextInvert.execute(model, encode(prompt), encode(""), latent, mode, 4,
+    noised, inversion, sigmas = NullTextInvert.execute(model, encode(clip, prompt), encode(clip, ""), latent, mode, 4,
                                                        "ddim_uniform", 5.0, 2, 0.01, 1e-5).result
     guider = _guider(tiny, source_prompt=prompt, target_prompt=prompt, inversion=inversion, blend_words="cat",
                      blend_start=0.5)

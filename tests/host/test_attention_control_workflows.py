@@ -9,14 +9,6 @@ GENERATED = ["p2p_word_swap.json", "p2p_refine.json", "p2p_reweight.json", "p2p_
 PHOTO = ["p2p_real_photo.json", "masactrl_real_photo.json"]
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    comfy_host.require_host()
-    nodes = comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
-    comfy_host.write_example_photo()
-    return nodes
-
-
 def _prompt(name, **controller_inputs):
     """A shipped workflow on the tiny model, shrunk for the CPU (64x64 image, few steps)."""
     wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)

@@ -12,12 +12,6 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    comfy_host.require_host()
-    return comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
-
-
-@pytest.fixture(scope="module")
 def pack(host):
     import editkit.nodes.comfy_attention as comfy_attention
     return comfy_attention
@@ -25,20 +19,17 @@ def pack(host):
 
 @pytest.fixture()
 def tiny(host):
+    """Fresh clones for every test here (the shared fixture's are per module): these tests patch them."""
     from support.tiny_models import tiny_checkpoint
     return tiny_checkpoint(seed=0)
-
-
-def _encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 def _sample(model, clip, sampler="euler", prompt="a cat riding a bicycle", seed=0, size=(8, 8), cfg=5.0, steps=STEPS):
     import comfy.sample
     latent = torch.zeros(1, 4, *size)
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", _encode(clip, prompt),
-                               _encode(clip, "blurry"), latent, seed=seed, disable_pbar=True)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", comfy_host.encode(clip, prompt),
+                               comfy_host.encode(clip, "blurry"), latent, seed=seed, disable_pbar=True)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])

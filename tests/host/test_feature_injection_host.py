@@ -2,29 +2,13 @@
 import pytest
 import torch
 
-from support import comfy_host
+from support.comfy_host import encode
 from support.controllers import Recorder
 
 STEPS = 6
 PHOTO_PROMPT = ""   # Plug-and-Play inverts with an empty prompt
 TARGET_PROMPT = "a marble sculpture of a cat"
 NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    comfy_host.require_host()
-    return comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
-
-
-@pytest.fixture(scope="module")
-def tiny(host):
-    from support.tiny_models import tiny_checkpoint
-    return tiny_checkpoint(seed=0)
-
-
-def _encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +21,7 @@ def photo(tiny):
 def _invert(tiny, photo, mode):
     from editkit.nodes.inversion import NullTextInvert
     model, clip, _ = tiny
-    noised, inversion, sigmas = NullTextInvert.execute(model, _encode(clip, PHOTO_PROMPT), _encode(clip, ""), photo,
+    noised, inversion, sigmas = NullTextInvert.execute(model, encode(clip, PHOTO_PROMPT), encode(clip, ""), photo,
                                                        mode, STEPS, "ddim_uniform", 5.0, 2, 0.01, 1e-5).result
     return noised["samples"], inversion, sigmas
 
@@ -53,8 +37,8 @@ def _inject(tiny, inversion, target=TARGET_PROMPT, negative=NEGATIVE_PROMPT, **o
     args = dict(feature_layers="4", feature_until=0.8, attention_layers="4-11", attention_until=0.5, strength=1.0,
                 cfg=5.0)
     args.update(overrides)
-    return FeatureInjectorNode.execute(model=model, inversion=inversion, positive=_encode(clip, target),
-                                       negative=_encode(clip, negative), **args).result
+    return FeatureInjectorNode.execute(model=model, inversion=inversion, positive=encode(clip, target),
+                                       negative=encode(clip, negative), **args).result
 
 
 def _sample(guider, noised, sigmas, sampler="ddim"):
@@ -80,7 +64,7 @@ def test_fractions_zero_give_what_the_unpatched_model_gives_the_target_prompt(ti
     guider, _ = _inject(tiny, inversion, feature_until=0.0, attention_until=0.0)
     out = _sample(guider, noised, sigmas)
     plain = comfy.samplers.CFGGuider(model)
-    plain.set_conds(_encode(clip, TARGET_PROMPT), _encode(clip, NEGATIVE_PROMPT))
+    plain.set_conds(encode(clip, TARGET_PROMPT), encode(clip, NEGATIVE_PROMPT))
     plain.set_cfg(5.0)
     expected = _sample(plain, noised, sigmas)[0]
     assert (out[1] - expected).abs().max() <= 1e-4 * expected.abs().max()
@@ -99,7 +83,7 @@ def test_the_patched_model_samples_a_plain_batch_exactly_as_the_input_model(tiny
     outs = []
     for m in (model, patched):
         guider = comfy.samplers.CFGGuider(m)
-        guider.set_conds(_encode(clip, TARGET_PROMPT), _encode(clip, NEGATIVE_PROMPT))
+        guider.set_conds(encode(clip, TARGET_PROMPT), encode(clip, NEGATIVE_PROMPT))
         guider.set_cfg(5.0)
         outs.append(_sample(guider, batch, sigmas, sampler="euler"))
     assert torch.equal(outs[0], outs[1])
@@ -117,9 +101,9 @@ def test_injected_features_and_queries_keys_equal_the_source_branch_at_each_step
     recorder = Recorder(attention=lambda s: s.kind == "self" and s.block == "output",
                         features=lambda s: s.block == "output" and s.block_id in (4, 5))
     recorded = attach_controller(patched, recorder)   # after the injection: it sees the injected tensors
-    guider = PairCFGGuider(recorded, [inversion.source_context, conditioning_context(_encode(clip, TARGET_PROMPT), "p")],
+    guider = PairCFGGuider(recorded, [inversion.source_context, conditioning_context(encode(clip, TARGET_PROMPT), "p")],
                            None, 5.0, inversion=inversion,
-                           target_negative=conditioning_context(_encode(clip, NEGATIVE_PROMPT), "n"))
+                           target_negative=conditioning_context(encode(clip, NEGATIVE_PROMPT), "n"))
     _sample(guider, noised, sigmas)
     run = recorder.runs[-1]
     steps = sigmas.shape[-1] - 1   # ddim_uniform may give one step more than asked
@@ -192,9 +176,9 @@ def test_bad_layers_are_refused_with_a_clear_error(tiny, direct, overrides, mess
 def test_a_combined_conditioning_is_refused(tiny, direct):
     from editkit.nodes.feature_injection import FeatureInjectorNode
     model, clip, _ = tiny
-    combined = _encode(clip, "a cat") + _encode(clip, "a dog")
+    combined = encode(clip, "a cat") + encode(clip, "a dog")
     with pytest.raises(ValueError, match="positive: the translation takes one prompt encoding, got 2"):
-        FeatureInjectorNode.execute(model, direct[1], combined, _encode(clip, ""), "4", 0.8, "4-11", 0.5, 1.0, 7.5)
+        FeatureInjectorNode.execute(model, direct[1], combined, encode(clip, ""), "4", 0.8, "4-11", 0.5, 1.0, 7.5)
 
 
 def test_a_sampler_that_cannot_follow_the_inversion_is_refused(tiny, direct):

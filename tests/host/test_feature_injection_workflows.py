@@ -27,12 +27,10 @@ def _write_depth_map(size: int = 64) -> None:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    comfy_host.require_host()
-    nodes = comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
-    comfy_host.write_example_photo()
+def host(host):
+    """The shared host, with the ControlNet workflow's depth map in its input folder too."""
     _write_depth_map()
-    return nodes
+    return host
 
 
 @pytest.fixture(scope="module")

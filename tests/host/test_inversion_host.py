@@ -7,14 +7,6 @@ from support import comfy_host
 STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    comfy_host.require_host()
-    nodes = comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
-    comfy_host.write_example_photo()
-    return nodes
-
-
 def _prompt(name, mode=None, steps=STEPS, **inversion_inputs):
     """A shipped workflow on the tiny model, with fewer steps (and other settings) for the CPU."""
     wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)
@@ -106,8 +98,8 @@ def test_bad_latents_are_clear_errors(host):
     from support.tiny_models import tiny_checkpoint
     import editkit.nodes.inversion as inversion_nodes
     model, clip, _ = tiny_checkpoint(0)
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
-    empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    cond = comfy_host.encode(clip, "a cat")
+    empty = comfy_host.encode(clip, "")
     args = dict(mode="direct", steps=4, scheduler="normal", guidance=7.5, inner_steps=0, learning_rate=0.01,
                 early_stop=1e-5)
     with pytest.raises(ValueError, match="latent: invert one image at a time"):

@@ -339,6 +339,11 @@ def write_example_photo(name: str = "example.png", size: int = 64) -> None:
     Image.fromarray((rgb * 255).astype(np.uint8)).save(host_dirs()["input"] / name)
 
 
+def encode(clip, text: str):
+    """A CONDITIONING of `text`, as CLIPTextEncode gives it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
 def node_of(prompt: dict, class_type: str) -> str:
     """Id of the (first) node of `class_type` in an API-format prompt."""
     return next(k for k, v in prompt.items() if v["class_type"] == class_type)

@@ -1,0 +1,21 @@
+"""Fixtures shared by the host tests: ComfyUI booted with this pack, and the tiny checkpoint."""
+import pytest
+
+from support import comfy_host
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """ComfyUI's `nodes` module, with this pack loaded and the shipped workflows' example photo in its input
+    folder (booting is once per process; the folders are temporary)."""
+    comfy_host.require_host()
+    nodes = comfy_host.boot(tmp_path_factory.mktemp("comfyui"))
+    comfy_host.write_example_photo()
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def tiny(host):
+    """(MODEL, CLIP, VAE) of the tiny SD1.5-layout checkpoint; fresh clones per module."""
+    from support.tiny_models import tiny_checkpoint
+    return tiny_checkpoint(seed=0)
