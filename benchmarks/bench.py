@@ -197,7 +197,7 @@ def rows_inversion(bench: Bench, pack):
     """Each inversion mode through the node's code path; floors in UNet evaluations at batch 1."""
     import comfy.samplers
     from editkit.core.inversion import NullTextSettings, ddim_invert, null_text_optimise
-    from editkit.nodes.inversion import ComfyEps
+    from editkit.nodes.inversion import ComfyEps, graph_replayable
     inner_steps = 10
     eps = ComfyEps(bench.model)
     t_eval1 = bench.unet_eval(1)
@@ -211,11 +211,18 @@ def rows_inversion(bench: Bench, pack):
     latents, t, peak = timed(bench.device, lambda: ddim_invert(eps, x0, sigmas, cond))
     yield "inversion: ddim / direct / negative_prompt", t, peak, n * t_eval1, n
     settings = NullTextSettings(inner_steps=inner_steps, early_stop=0.0, early_stop_growth=0.0)
-    with torch.enable_grad():
-        _, t_opt, peak = timed(bench.device, lambda: null_text_optimise(eps, latents, sigmas, cond, uncond, 7.5, settings))
     # per step: conditional pass, `inner_steps` unconditional passes with their backward (~2 passes), final pass
     evals = n * (2 + 3 * inner_steps)
-    yield f"inversion: null_text ({inner_steps} inner steps, no early stop)", t + t_opt, peak, (n + evals) * t_eval1, n + evals
+    for graph in (graph_replayable(bench.model), False):
+        with torch.enable_grad():
+            (_, stats), t_opt, peak = timed(bench.device, lambda: null_text_optimise(
+                eps, latents, sigmas, cond, uncond, 7.5, settings, cuda_graph=graph))
+        how = "CUDA graph" if stats["cuda_graph"] == "on" else "eager"
+        yield f"inversion: null_text ({inner_steps} inner, {how})", t + t_opt, peak, (n + evals) * t_eval1, n + evals
+        if stats["cuda_graph"].startswith("failed"):
+            print(f"# null-text CUDA graph {stats['cuda_graph']}")
+        if not graph:
+            break
     if bench.device.type == "cuda":
         ref_model = build_sd15(bench.device, torch.float32)
         ref_model.model.diffusion_model.requires_grad_(True)

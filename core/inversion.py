@@ -6,7 +6,7 @@ sigmas[i] to sigmas[i+1]; the inversion trajectory `latents[i]` is the latent at
 latents[N] is the clean input and latents[0] the noised latent sampling starts from.
 
 The model is a callable `eps_fn(x, sigma, contexts) -> eps` evaluating the noise prediction of a batch
-`x` (one row per context) at noise level `sigma`.
+`x` (one row per context) at noise level `sigma` (a float, or a 0-d tensor on x's device).
 
 Methods:
 - DDIM inversion (Song et al. 2021; as used by Mokady et al. 2023): each step reuses the noise predicted
@@ -27,7 +27,7 @@ import torch
 
 from .schedule import euler_sigma_step
 
-EpsFn = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]
+EpsFn = Callable[[torch.Tensor, "float | torch.Tensor", torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 
 MODES = ("ddim", "null_text", "negative_prompt", "direct")
@@ -116,7 +116,7 @@ class _LossProbe:
     """A loss copied to pinned host memory as soon as it is computed, read later without a full sync."""
 
     def __init__(self, loss: torch.Tensor):
-        self.loss = loss.detach()
+        self.loss = loss.detach().clone()    # the caller's buffer is overwritten by the next iteration
         self._event = None
         if self.loss.is_cuda:
             self._host = torch.empty((), dtype=self.loss.dtype, pin_memory=True)
@@ -131,58 +131,164 @@ class _LossProbe:
         return float(self._host)
 
 
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@torch.no_grad()
+def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               step: torch.Tensor, lr: torch.Tensor) -> None:
+    """One in-place Adam update (Kingma & Ba 2015) with torch.optim.Adam's defaults.
+
+    The step count and learning rate are tensors, so the update holds no Python number that changes
+    between calls and can be replayed from a CUDA graph.
+    """
+    beta1, beta2 = ADAM_BETAS
+    step.add_(1)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias1 = 1 - torch.pow(beta1, step)
+    bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
+    param.sub_(exp_avg / (exp_avg_sq.sqrt() / bias2_sqrt + ADAM_EPS) * (lr / bias1))
+
+
+class _InnerIteration:
+    """One inner iteration of null-text optimisation, on buffers that stay put for the whole run.
+
+    The step's inputs (latent, conditional prediction, target, sigmas, learning rate) are copied into the
+    buffers by `start`; `run` does the unconditional forward, the backward to the embedding and the Adam
+    update. Because nothing in it is a Python number that changes, on CUDA it can be captured once as a
+    graph and replayed: a batch-1 UNet pass is bound by kernel launches on a large GPU, and a replay
+    launches the whole forward and backward at once.
+    """
+
+    def __init__(self, eps_fn: EpsFn, x: torch.Tensor, embedding: torch.Tensor, guidance: float):
+        self.eps_fn, self.guidance = eps_fn, guidance
+        scalar = dict(device=x.device, dtype=torch.float32)
+        self.x, self.eps_c, self.target = (torch.empty_like(x) for _ in range(3))
+        self.sigma, self.sigma_next, self.scale, self.lr, self.step, self.loss = (
+            torch.zeros((), **scalar) for _ in range(6))
+        self.embedding = embedding.detach().clone().requires_grad_(True)
+        self.before = torch.empty_like(self.embedding, requires_grad=False)
+        self.exp_avg = torch.zeros_like(self.before)
+        self.exp_avg_sq = torch.zeros_like(self.before)
+        self.graph = None
+
+    @torch.no_grad()
+    def start(self, x, eps_c, target, sigma: float, sigma_next: float, lr: float) -> None:
+        """Load one sampling step's inputs; a fresh Adam state, as the reference builds one per step."""
+        for buffer, value in ((self.x, x), (self.eps_c, eps_c), (self.target, target)):
+            buffer.copy_(value)
+        self.sigma.fill_(sigma)
+        self.sigma_next.fill_(sigma_next)
+        self.scale.fill_(_sd_scale(sigma_next))
+        self.lr.fill_(lr)
+        for state in (self.step, self.exp_avg, self.exp_avg_sq):
+            state.zero_()
+
+    def _iterate(self) -> None:
+        with torch.no_grad():
+            self.before.copy_(self.embedding)
+        with torch.enable_grad():
+            eps_u = self.eps_fn(self.x[None], self.sigma, self.embedding)[0]
+            pred = euler_sigma_step(self.x, cfg(self.eps_c, eps_u, self.guidance), self.sigma, self.sigma_next)
+            # the loss in the papers' scale (sqrt(a) x_0 + sqrt(1 - a) eps), where the thresholds live
+            loss = torch.nn.functional.mse_loss((pred * self.scale).float(), (self.target * self.scale).float())
+            grad, = torch.autograd.grad(loss, self.embedding)
+        adam_step_(self.embedding, grad, self.exp_avg, self.exp_avg_sq, self.step, self.lr)
+        with torch.no_grad():
+            self.loss.copy_(loss)
+
+    def run(self) -> torch.Tensor:
+        """One iteration; returns the loss buffer (the loss before this iteration's update)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._iterate()
+        return self.loss
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        """Take back the last iteration's update of the embedding."""
+        self.embedding.copy_(self.before)
+
+    def capture(self) -> None:
+        """Record `run` as a CUDA graph (after `start`); the buffers are left as `start` set them.
+
+        Raises whatever the capture raises: the caller falls back to running eagerly.
+        """
+        state = [t.detach().clone() for t in (self.embedding, self.step, self.exp_avg, self.exp_avg_sq)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # warm-up (lazy initialisations) off the capturing stream
+            for _ in range(3):
+                self._iterate()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._iterate()
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip((self.embedding, self.step, self.exp_avg, self.exp_avg_sq), state):
+                    buffer.copy_(value)
+        self.graph = graph
+
+
 def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
                        uncond: torch.Tensor, guidance: float, settings: NullTextSettings = NullTextSettings(),
-                       progress: Progress | None = None) -> tuple[torch.Tensor, dict]:
+                       progress: Progress | None = None, cuda_graph: bool = False) -> tuple[torch.Tensor, dict]:
     """Per-step unconditional embeddings so guided DDIM from latents[0] follows the inversion trajectory.
 
     Returns (embeddings (N, T, D), stats). The conditional prediction of each step is computed once; each
     inner step costs one unconditional forward and backward (gradients flow to the embedding only).
+    `eps_fn` gets the sigma of the inner steps as a 0-d tensor. `cuda_graph`: replay the inner step
+    from a CUDA graph when the latents are on a CUDA device (the caller vouches that `eps_fn` holds no
+    state that changes between calls); if the capture fails, the loop runs eagerly and says why in
+    stats["cuda_graph"].
     """
     sig = [float(s) for s in sigmas]
     n = len(sig) - 1
-    embedding = uncond.detach().clone()
     x = latents[0]
+    inner = _InnerIteration(eps_fn, x, uncond, guidance)
+    graph_status = "off"
     out, losses, inner_total = [], [], 0
     for i in range(n):
         target = latents[i + 1]
-        scale = _sd_scale(sig[i + 1])
         with torch.no_grad():
             eps_c = eps_fn(x[None], sig[i], cond)[0]
-        embedding = embedding.detach().requires_grad_(True)
-        optimiser = torch.optim.Adam([embedding], lr=settings.learning_rate * (1.0 - settings.lr_decay * i))
+        inner.start(x, eps_c, target, sig[i], sig[i + 1], settings.learning_rate * (1.0 - settings.lr_decay * i))
+        if cuda_graph and x.is_cuda and graph_status == "off" and settings.inner_steps > 0:
+            try:
+                inner.capture()
+                graph_status = "on"
+            except RuntimeError as error:     # an operation that cannot be captured: run eagerly
+                graph_status = f"failed: {error}".splitlines()[0][:200]
+                inner.graph = None
         threshold = settings.early_stop + settings.early_stop_growth * i
         loss, previous = None, None
         for _ in range(settings.inner_steps):
-            eps_u = eps_fn(x[None], sig[i], embedding)[0]
-            pred = euler_sigma_step(x, cfg(eps_c, eps_u, guidance), sig[i], sig[i + 1])
-            loss = torch.nn.functional.mse_loss((pred * scale).float(), (target * scale).float())
-            probe = _LossProbe(loss)
-            before = embedding.detach().clone()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            probe = _LossProbe(inner.run())
             inner_total += 1
             # The reference stops after the update whose loss was under the threshold. Reading a loss waits
             # for the GPU, so the test of iteration k-1 is read once iteration k is queued behind it (the GPU
             # never idles); if it passes, iteration k's update is undone, giving the reference's result.
             if previous is not None and previous.value() < threshold:
-                with torch.no_grad():
-                    embedding.copy_(before)
+                inner.undo()
                 inner_total -= 1
                 loss = previous.loss
                 break
             previous = probe
-        loss_value = loss.item() if loss is not None else float("nan")
-        embedding = embedding.detach()
-        out.append(embedding[0].clone())
-        losses.append(loss_value)
+            loss = probe.loss
+        embedding = inner.embedding.detach().clone()
+        out.append(embedding[0])
+        losses.append(loss.item() if loss is not None else float("nan"))
         with torch.no_grad():
             eps_u = eps_fn(x[None], sig[i], embedding)[0]
             x = euler_sigma_step(x, cfg(eps_c, eps_u, guidance), sig[i], sig[i + 1])
         if progress:
             progress(i + 1, n)
-    return torch.stack(out), {"losses": losses, "inner_steps": inner_total}
+    return torch.stack(out), {"losses": losses, "inner_steps": inner_total, "cuda_graph": graph_status}
 
 
 def direct_denoised(latents: torch.Tensor, sigmas: Sequence[float], step: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ that reproduces the inversion's unconditional branch at each step (see core/inve
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import comfy.model_management
@@ -66,9 +67,14 @@ class ComfyEps:
         batch = x.shape[0]
         if context.shape[0] != batch:
             context = context.expand(batch, -1, -1)
-        s = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
-        denoised = self.inner.apply_model(x, s, c_crossattn=context.to(self.device), transformer_options=self.options)
-        return (x - denoised.to(x.dtype)) / float(sigma)
+        if torch.is_tensor(sigma):     # stays on the device: no sync, and replayable from a CUDA graph
+            s = sigma.to(self.device, torch.float32).reshape(1).expand(batch).contiguous()
+        else:
+            s = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
+        # a copy, as ComfyUI's samplers pass one: the UNet writes its block indices into these options
+        options = dict(self.options)
+        denoised = self.inner.apply_model(x, s, c_crossattn=context.to(self.device), transformer_options=options)
+        return (x - denoised.to(x.dtype)) / (s[0] if torch.is_tensor(sigma) else float(sigma))
 
 
 @contextlib.contextmanager
@@ -90,6 +96,19 @@ def autograd_usable_weights(module: torch.nn.Module):
     finally:
         for sub, name, p in swapped:
             sub._parameters[name] = p
+
+
+def graph_replayable(model) -> bool:
+    """Whether ComfyEps on `model` may be replayed from a CUDA graph: a replay runs no Python, so the model
+    must have no patches or wrappers (which may keep state or check the step) and its weights must sit on
+    the GPU for good (lowvram and dynamic loading cast or move weights inside the forward)."""
+    if model.load_device.type != "cuda":
+        return False
+    options = model.model_options.get("transformer_options", {})
+    if any(options.get(key) for key in ("patches", "patches_replace", "wrappers", "callbacks")):
+        return False
+    return not any(getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None)
+                   or getattr(m, "bias_function", None) for m in model.model.diffusion_model.modules())
 
 
 class NullTextInvert(io.ComfyNode):
@@ -170,7 +189,10 @@ class NullTextInvert(io.ComfyNode):
                 with torch.enable_grad(), autograd_usable_weights(inner.diffusion_model):
                     embeddings, stats = null_text_optimise(
                         eps, latents, sig, cond_d, uncond_d, guidance, settings,
-                        progress=lambda i, n: bar.update_absolute(steps + i, total))
+                        progress=lambda i, n: bar.update_absolute(steps + i, total),
+                        cuda_graph=graph_replayable(model))
+                if stats["cuda_graph"].startswith("failed"):
+                    logging.warning("EditKit null-text: CUDA graph not usable, ran eagerly (%s)", stats["cuda_graph"])
                 embeddings = embeddings.cpu()
             latents = latents.cpu()
         inversion = Inversion(mode=mode, sigmas=sigmas, latents=latents, guidance=guidance,

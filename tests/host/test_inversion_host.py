@@ -139,3 +139,37 @@ def test_loading_a_file_that_is_not_an_inversion_is_a_clear_error(host):
     with pytest.raises(comfy_host.HostError) as e:
         comfy_host.run_prompt(prompt)
     assert "inversion_file" in str(e.value) and "not a saved inversion" in str(e.value)
+
+
+def test_cuda_graph_only_for_an_unpatched_model_held_on_the_gpu(host):
+    from support.tiny_models import tiny_checkpoint
+    from editkit.nodes.inversion import graph_replayable
+    model, _, _ = tiny_checkpoint(0)
+    assert not graph_replayable(model)            # the CPU: nothing to replay
+    on_gpu = model.clone()
+    on_gpu.load_device = torch.device("cuda")     # the policy only reads where the model is meant to run
+    assert graph_replayable(on_gpu)
+    patched = on_gpu.clone()
+    patched.set_model_attn1_patch(lambda q, k, v, extra_options: (q, k, v))
+    assert not graph_replayable(patched)
+    first_conv = next(m for m in on_gpu.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.comfy_cast_weights = True          # what lowvram loading sets: weights move inside the forward
+    try:
+        assert not graph_replayable(on_gpu)
+    finally:
+        del first_conv.comfy_cast_weights
+
+
+def test_eps_leaves_the_models_options_alone_and_takes_a_tensor_sigma(host):
+    from support.tiny_models import tiny_checkpoint
+    from editkit.nodes.inversion import ComfyEps
+    model, clip, _ = tiny_checkpoint(0)
+    eps = ComfyEps(model)
+    before = dict(model.model_options["transformer_options"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = comfy_host.encode(clip, "a cat")[0][0]
+    with torch.no_grad():
+        as_float = eps(x, 3.0, context)
+        as_tensor = eps(x, torch.tensor(3.0), context)
+    assert model.model_options["transformer_options"] == before
+    assert torch.equal(as_float, as_tensor)
