@@ -101,8 +101,9 @@ def autograd_usable_weights(module: torch.nn.Module):
 def graph_replayable(model) -> bool:
     """Whether ComfyEps on `model` may be replayed from a CUDA graph: a replay runs no Python, so the model
     must have no patches or wrappers (which may keep state or check the step) and its weights must sit on
-    the GPU for good (lowvram and dynamic loading cast or move weights inside the forward)."""
-    if model.load_device.type != "cuda":
+    the GPU for good (lowvram and dynamic loading cast or move weights inside the forward). Call it once the
+    model is loaded (ComfyEps loads it)."""
+    if model.load_device.type != "cuda" or getattr(model.model, "model_lowvram", False):
         return False
     options = model.model_options.get("transformer_options", {})
     if any(options.get(key) for key in ("patches", "patches_replace", "wrappers", "callbacks")):

@@ -152,6 +152,12 @@ def test_cuda_graph_only_for_an_unpatched_model_held_on_the_gpu(host):
     patched = on_gpu.clone()
     patched.set_model_attn1_patch(lambda q, k, v, extra_options: (q, k, v))
     assert not graph_replayable(patched)
+    lowvram = getattr(on_gpu.model, "model_lowvram", False)
+    on_gpu.model.model_lowvram = True             # partially loaded: ComfyUI casts the rest per forward
+    try:
+        assert not graph_replayable(on_gpu)
+    finally:
+        on_gpu.model.model_lowvram = lowvram
     first_conv = next(m for m in on_gpu.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.comfy_cast_weights = True          # what lowvram loading sets: weights move inside the forward
     try:
