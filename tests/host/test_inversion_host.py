@@ -181,23 +181,12 @@ def test_eps_leaves_the_models_options_alone_and_takes_a_tensor_sigma(host):
     assert torch.equal(as_float, as_tensor)
 
 
-class _NoHostReads(torch.overrides.TorchFunctionMode):
-    """Fails on any read of a tensor's value into Python: on a GPU each is a sync, which a CUDA graph capture
-    refuses, and a replay would keep the value read at capture time."""
-    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.__bool__,
-             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            raise AssertionError(f"a tensor is read back to the host: {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_null_text_inner_step_reads_nothing_back_to_the_host(host):
     """What CUDA graph capture needs from ComfyUI's UNet and from our step, checked on the CPU."""
     from support.tiny_models import tiny_checkpoint
     from editkit.core.inversion import _InnerIteration
     from editkit.nodes.inversion import ComfyEps
+    from support.host_reads import HostReads
     model, clip, _ = tiny_checkpoint(0)
     eps = ComfyEps(model)
     g = torch.Generator().manual_seed(0)
@@ -205,12 +194,12 @@ def test_null_text_inner_step_reads_nothing_back_to_the_host(host):
     uncond = comfy_host.encode(clip, "")[0][0]
     inner = _InnerIteration(eps, x, uncond, 7.5)
     inner.start(x, eps_c, target, 3.0, 2.0, 1e-2)
-    with pytest.raises(AssertionError, match="read back to the host: item"), _NoHostReads():
+    with pytest.raises(AssertionError, match="read back to the host: item"), HostReads(forbid=True):
         inner.run().item()                     # the guard works
     inner.start(x, eps_c, target, 3.0, 2.0, 1e-2)
     with torch.no_grad():
         inner.embedding.copy_(uncond)
-    with _NoHostReads():
+    with HostReads(forbid=True):
         first = inner.run().clone()
         inner.run()
     assert 0 < first.item() and not torch.equal(inner.embedding.detach(), uncond)
