@@ -217,15 +217,17 @@ class _InnerIteration:
 
         Raises whatever the capture raises: the caller falls back to running eagerly.
         """
+        if not self.x.is_cuda:
+            raise RuntimeError(f"CUDA graphs need the latents on a CUDA device, not {self.x.device}")
         state = [t.detach().clone() for t in (self.embedding, self.step, self.exp_avg, self.exp_avg_sq)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):          # warm-up (lazy initialisations) off the capturing stream
-            for _ in range(3):
-                self._iterate()
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):      # warm-up (lazy initialisations) off the capturing stream
+                for _ in range(3):
+                    self._iterate()
+            torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._iterate()
         finally:
@@ -243,9 +245,8 @@ def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tenso
     Returns (embeddings (N, T, D), stats). The conditional prediction of each step is computed once; each
     inner step costs one unconditional forward and backward (gradients flow to the embedding only).
     `eps_fn` gets the sigma of the inner steps as a 0-d tensor. `cuda_graph`: replay the inner step
-    from a CUDA graph when the latents are on a CUDA device (the caller vouches that `eps_fn` holds no
-    state that changes between calls); if the capture fails, the loop runs eagerly and says why in
-    stats["cuda_graph"].
+    from a CUDA graph (latents on a CUDA device; the caller vouches that `eps_fn` holds no state that
+    changes between calls); if the capture fails, the loop runs eagerly and stats["cuda_graph"] says why.
     """
     sig = [float(s) for s in sigmas]
     n = len(sig) - 1
@@ -258,11 +259,12 @@ def null_text_optimise(eps_fn: EpsFn, latents: torch.Tensor, sigmas: torch.Tenso
         with torch.no_grad():
             eps_c = eps_fn(x[None], sig[i], cond)[0]
         inner.start(x, eps_c, target, sig[i], sig[i + 1], settings.learning_rate * (1.0 - settings.lr_decay * i))
-        if cuda_graph and x.is_cuda and graph_status == "off" and settings.inner_steps > 0:
+        if cuda_graph and graph_status == "off" and settings.inner_steps > 0:
             try:
                 inner.capture()
                 graph_status = "on"
-            except RuntimeError as error:     # an operation that cannot be captured: run eagerly
+            except RuntimeError as error:     # an operation that cannot be captured: run eagerly (an
+                # interrupt from ComfyUI is not a RuntimeError and still stops the run)
                 graph_status = f"failed: {error}".splitlines()[0][:200]
                 inner.graph = None
         threshold = settings.early_stop + settings.early_stop_growth * i

@@ -167,3 +167,13 @@ def test_null_text_early_stop_matches_the_reference_loop(setup):
     reference = _reference_null_text(eps_fn, latents, sigmas, cond, uncond, 7.5, settings)
     assert 0 < stats["inner_steps"] < STEPS * 4, stats["inner_steps"]
     assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_a_cuda_graph_that_cannot_be_captured_falls_back_to_the_same_eager_result(setup):
+    eps_fn, x0, cond, uncond, sigmas, latents = setup
+    settings = NullTextSettings(inner_steps=2)
+    eager, eager_stats = null_text_optimise(eps_fn, latents, sigmas, cond, uncond, 7.5, settings)
+    asked, asked_stats = null_text_optimise(eps_fn, latents, sigmas, cond, uncond, 7.5, settings, cuda_graph=True)
+    assert eager_stats["cuda_graph"] == "off"
+    assert asked_stats["cuda_graph"] == "failed: CUDA graphs need the latents on a CUDA device, not cpu"
+    assert torch.equal(eager, asked)
