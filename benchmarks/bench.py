@@ -213,7 +213,7 @@ def rows_inversion(bench: Bench, pack):
     settings = NullTextSettings(inner_steps=inner_steps, early_stop=0.0, early_stop_growth=0.0)
     # per step: conditional pass, `inner_steps` unconditional passes with their backward (~2 passes), final pass
     evals = n * (2 + 3 * inner_steps)
-    for graph in (graph_replayable(bench.model), False):
+    for graph in ((True, False) if graph_replayable(bench.model) else (False,)):
         with torch.enable_grad():
             (_, stats), t_opt, peak = timed(bench.device, lambda: null_text_optimise(
                 eps, latents, sigmas, cond, uncond, 7.5, settings, cuda_graph=graph))
@@ -221,8 +221,6 @@ def rows_inversion(bench: Bench, pack):
         yield f"inversion: null_text ({inner_steps} inner, {how})", t + t_opt, peak, (n + evals) * t_eval1, n + evals
         if stats["cuda_graph"].startswith("failed"):
             print(f"# null-text CUDA graph {stats['cuda_graph']}")
-        if not graph:
-            break
     if bench.device.type == "cuda":
         ref_model = build_sd15(bench.device, torch.float32)
         ref_model.model.diffusion_model.requires_grad_(True)

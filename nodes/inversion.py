@@ -68,13 +68,15 @@ class ComfyEps:
         if context.shape[0] != batch:
             context = context.expand(batch, -1, -1)
         if torch.is_tensor(sigma):     # stays on the device: no sync, and replayable from a CUDA graph
-            s = sigma.to(self.device, torch.float32).reshape(1).expand(batch).contiguous()
+            sigma = sigma.to(self.device, torch.float32)
+            s = sigma.reshape(1).expand(batch).contiguous()
         else:
-            s = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
+            sigma = float(sigma)
+            s = torch.full((batch,), sigma, device=self.device, dtype=torch.float32)
         # a copy, as ComfyUI's samplers pass one: the UNet writes its block indices into these options
         options = dict(self.options)
         denoised = self.inner.apply_model(x, s, c_crossattn=context.to(self.device), transformer_options=options)
-        return (x - denoised.to(x.dtype)) / (s[0] if torch.is_tensor(sigma) else float(sigma))
+        return (x - denoised.to(x.dtype)) / sigma
 
 
 @contextlib.contextmanager

@@ -3,24 +3,15 @@ import pytest
 import torch
 
 from support.comfy_host import encode
+from support.node_calls import attention_controller, invert
 
 STEPS = 6
 SIZE = (16, 16)   # latent: 128 px
 
 
-def _settings(**overrides):
-    args = dict(source_prompt="a cat riding a bicycle", target_prompt="a cat riding a red bicycle", negative_prompt="",
-                edit="refine", cross_replace=0.8, self_replace=0.4, word_release="", reweight="", blend_words="",
-                blend_threshold=0.3, blend_start=0.0, masactrl_start_step=1, masactrl_start_layer=5,
-                masactrl_mask_word="", max_resolution=32, cfg=5.0)
-    args.update(overrides)
-    return args
-
-
 def _guider(tiny, **overrides):
-    from editkit.nodes.attention_control import AttentionControllerNode
     model, clip, _ = tiny
-    return AttentionControllerNode.execute(model=model, clip=clip, **_settings(**overrides)).result[0]
+    return attention_controller(model, clip, **overrides)
 
 
 def _sample(guider, model, sampler="euler", latent=None, sigmas=None, noise=True, steps=STEPS):
@@ -114,22 +105,20 @@ def test_the_input_model_is_left_unchanged(tiny):
 
 @pytest.mark.parametrize("mode", ["direct", "null_text"])
 def test_real_photo_identity_edit_reproduces_the_reconstruction(tiny, mode):
-    from editkit.nodes.inversion import NullTextInvert
     model, clip, vae = tiny
     g = torch.Generator().manual_seed(3)
     photo = torch.rand(1, 64, 64, 3, generator=g)
     latent = {"samples": vae.encode(photo)}
     prompt = "a cat sitting next to a mirror"
-    noised, inversion, sigmas = NullTextInvert.execute(model, encode(clip, prompt), encode(clip, ""), latent, mode, 4,
-                                                       "ddim_uniform", 5.0, 2, 0.01, 1e-5).result
+    noised, inversion, sigmas = invert(model, clip, latent, mode, 4, prompt)
     guider = _guider(tiny, source_prompt=prompt, target_prompt=prompt, inversion=inversion, blend_words="cat",
                      blend_start=0.5)
-    out, _ = _sample(guider, model, latent=noised["samples"], sigmas=sigmas, noise=False)
+    out, _ = _sample(guider, model, latent=noised, sigmas=sigmas, noise=False)
     assert (out[1] - out[0]).abs().max() < 1e-5
     if mode == "direct":
         assert (out[0] - latent["samples"][0]).abs().max() < 1e-4
     edited, _ = _sample(_guider(tiny, source_prompt=prompt, target_prompt="a tiger sitting next to a mirror",
-                                inversion=inversion), model, latent=noised["samples"], sigmas=sigmas, noise=False)
+                                inversion=inversion), model, latent=noised, sigmas=sigmas, noise=False)
     # the source row does not depend on the target (up to float32 rounding of a differently filled batch;
     # null-text on the random tiny model reaches latents of a few hundred)
     assert (edited[0] - out[0]).abs().max() < 1e-6 * max(1.0, out.abs().max().item())

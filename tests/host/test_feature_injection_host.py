@@ -4,6 +4,7 @@ import torch
 
 from support.comfy_host import encode
 from support.controllers import Recorder
+from support.node_calls import attention_controller, feature_injector, invert
 
 STEPS = 6
 PHOTO_PROMPT = ""   # Plug-and-Play inverts with an empty prompt
@@ -19,11 +20,8 @@ def photo(tiny):
 
 
 def _invert(tiny, photo, mode):
-    from editkit.nodes.inversion import NullTextInvert
     model, clip, _ = tiny
-    noised, inversion, sigmas = NullTextInvert.execute(model, encode(clip, PHOTO_PROMPT), encode(clip, ""), photo,
-                                                       mode, STEPS, "ddim_uniform", 5.0, 2, 0.01, 1e-5).result
-    return noised["samples"], inversion, sigmas
+    return invert(model, clip, photo, mode, STEPS, PHOTO_PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +30,8 @@ def direct(tiny, photo):
 
 
 def _inject(tiny, inversion, target=TARGET_PROMPT, negative=NEGATIVE_PROMPT, **overrides):
-    from editkit.nodes.feature_injection import FeatureInjectorNode
     model, clip, _ = tiny
-    args = dict(feature_layers="4", feature_until=0.8, attention_layers="4-11", attention_until=0.5, strength=1.0,
-                cfg=5.0)
-    args.update(overrides)
-    return FeatureInjectorNode.execute(model=model, inversion=inversion, positive=encode(clip, target),
-                                       negative=encode(clip, negative), **args).result
+    return feature_injector(model, clip, inversion, target, negative, **overrides)
 
 
 def _sample(guider, noised, sigmas, sampler="ddim"):
@@ -143,19 +136,15 @@ def test_translation_keeps_the_photo_and_moves_the_target_only(tiny, photo, dire
 
 
 def test_it_composes_with_an_attention_controller_on_its_model(tiny, direct):
-    from editkit.nodes.attention_control import AttentionControllerNode
     model, clip, _ = tiny
     noised, inversion, sigmas = direct
     _, patched = _inject(tiny, inversion, feature_until=1.0, attention_until=1.0)
-    settings = dict(negative_prompt="", edit="refine", cross_replace=0.8, self_replace=0.4, word_release="",
-                    reweight="", blend_words="", blend_threshold=0.3, blend_start=0.0, masactrl_start_step=4,
-                    masactrl_start_layer=10, masactrl_mask_word="", max_resolution=32, cfg=5.0, inversion=inversion)
-    same = AttentionControllerNode.execute(model=patched, clip=clip, source_prompt=PHOTO_PROMPT,
-                                           target_prompt=PHOTO_PROMPT, **settings).result[0]
+    settings = dict(negative_prompt="", edit="refine", inversion=inversion)
+    same = attention_controller(patched, clip, source_prompt=PHOTO_PROMPT, target_prompt=PHOTO_PROMPT, **settings)
     out = _sample(same, noised, sigmas)
     assert (out[1] - out[0]).abs().max() < 1e-5
-    edit = AttentionControllerNode.execute(model=patched, clip=clip, source_prompt=PHOTO_PROMPT,
-                                           target_prompt="a watercolor painting", **settings).result[0]
+    edit = attention_controller(patched, clip, source_prompt=PHOTO_PROMPT, target_prompt="a watercolor painting",
+                                **settings)
     out = _sample(edit, noised, sigmas)
     assert torch.isfinite(out).all() and (out[1] - out[0]).abs().max() > 1e-3
 

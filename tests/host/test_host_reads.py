@@ -8,6 +8,7 @@ import torch
 
 from support.comfy_host import encode
 from support.host_reads import HostReads
+from support.node_calls import attention_controller, feature_injector, invert
 
 STEPS = 6
 PER_RUN = 4     # reads once per run: the schedule, a mask published for preview
@@ -48,16 +49,9 @@ def schedule(tiny):
                                         ("masactrl", {"masactrl_start_step": 0, "masactrl_start_layer": 0,
                                                       "masactrl_mask_word": "cat"})])
 def test_attention_control_reads_the_step_once_per_evaluation(tiny, schedule, edit, extra):
-    from editkit.nodes.attention_control import AttentionControllerNode
     model, clip, _ = tiny
     latent, sigmas = schedule
-    args = dict(source_prompt="a cat riding a bicycle", target_prompt="a cat riding a red bicycle", negative_prompt="",
-                edit=edit, cross_replace=0.8, self_replace=0.4, word_release="", reweight="", blend_words="",
-                blend_threshold=0.3, blend_start=0.0, masactrl_start_step=1, masactrl_start_layer=5,
-                masactrl_mask_word="", max_resolution=32, cfg=5.0)
-    args.update(extra)
-    guider = AttentionControllerNode.execute(model=model, clip=clip, **args).result[0]
-    ours = _count(guider, latent, sigmas, "euler")
+    ours = _count(attention_controller(model, clip, edit=edit, **extra), latent, sigmas, "euler")
     stock = _stock(model, clip, "a cat riding a bicycle", latent, sigmas, "euler")
     _within_budget(ours, stock, STEPS)
     assert ours.total > stock.total      # the count sees our reads at all
@@ -65,15 +59,10 @@ def test_attention_control_reads_the_step_once_per_evaluation(tiny, schedule, ed
 
 @pytest.mark.parametrize("mode", ["direct", "null_text"])
 def test_feature_injection_from_an_inversion_reads_the_step_once_per_evaluation(tiny, mode):
-    from editkit.nodes.feature_injection import FeatureInjectorNode
-    from editkit.nodes.inversion import NullTextInvert
     model, clip, vae = tiny
     photo = {"samples": vae.encode(torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(5)))}
-    noised, inversion, sigmas = NullTextInvert.execute(model, encode(clip, ""), encode(clip, ""), photo, mode, STEPS,
-                                                       "ddim_uniform", 5.0, 1, 0.01, 1e-5).result
-    guider, _ = FeatureInjectorNode.execute(model=model, inversion=inversion, positive=encode(clip, "a sculpture"),
-                                            negative=encode(clip, ""), feature_layers="4", feature_until=0.8,
-                                            attention_layers="4-11", attention_until=0.5, strength=1.0, cfg=5.0).result
-    ours = _count(guider, noised["samples"], sigmas, "ddim")
-    stock = _stock(model, clip, "a sculpture", noised["samples"], sigmas, "ddim")
+    noised, inversion, sigmas = invert(model, clip, photo, mode, STEPS, inner_steps=1)
+    guider, _ = feature_injector(model, clip, inversion, "a sculpture", "")
+    ours = _count(guider, noised, sigmas, "ddim")
+    stock = _stock(model, clip, "a sculpture", noised, sigmas, "ddim")
     _within_budget(ours, stock, sigmas.shape[0] - 1)
