@@ -5,6 +5,9 @@ ComfyUI imports this file and awaits `comfy_entrypoint`. The host imports stay i
 """
 
 
+WEB_DIRECTORY = "./web/js"   # front-end extension: migrates workflows saved with earlier node layouts
+
+
 async def comfy_entrypoint():
     from .nodes import EditKitExtension
     return EditKitExtension()

@@ -144,11 +144,16 @@ class _StepWindow:
         """Fraction of the run's steps already done when this call happens (0 at the first step)."""
         return self.step / max(self.num_steps, 1)
 
-    def before(self, fraction) -> bool | torch.Tensor:
-        """Whether this step lies in the first `fraction` of the run: step < int(fraction * steps), as the
-        reference implementations count (a float or a tensor of fractions)."""
-        limit = fraction * self.num_steps + 1e-6
-        return self.step < (limit.floor() if torch.is_tensor(limit) else math.floor(limit))
+    def within(self, start: float, end: float, rows: int | None = None) -> bool:
+        """Whether this step lies in the window [start, end) of the run, counted as the reference
+        implementations count it: steps int(start * rows) to int(end * rows) - 1, where rows is the number of
+        steps (Prompt-to-Prompt's cross-attention table has one row more than there are steps)."""
+        rows = self.num_steps if rows is None else rows
+        return int(start * rows) <= self.step < int(end * rows)
+
+    def before(self, fraction: float) -> bool:
+        """Whether this step lies in the first `fraction` of the run: step < int(fraction * steps)."""
+        return self.within(0.0, fraction)
 
     def state(self, controller: "AttentionController"):
         return self.run.of(controller)
@@ -222,6 +227,9 @@ class AttentionController:
     def new_run_state(self):
         return None
 
+    def check_run(self, num_steps: int) -> None:
+        """Raise a ValueError when a run of `num_steps` steps cannot do what the controller was set up for."""
+
     def end_run(self, state, success: bool) -> None:
         pass
 
@@ -266,17 +274,24 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least float32: half-precision models get float32 probabilities, float64 ones keep float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) per head, computed in float32 whatever the model's dtype."""
-    qh = split_heads(q, heads).float()
-    kh = split_heads(k, heads).float()
+    """softmax(q k^T / sqrt(d)) per head, in float32 or wider whatever the model's dtype."""
+    dtype = compute_dtype(q)
+    qh = split_heads(q, heads).to(dtype)
+    kh = split_heads(k, heads).to(dtype)
     scale = 1.0 / math.sqrt(qh.shape[-1])
     return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
 
 
 def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     vh = split_heads(v, heads)
-    return merge_heads((probs.to(torch.float32) @ vh.float()).to(v.dtype))
+    dtype = torch.promote_types(probs.dtype, compute_dtype(v))
+    return merge_heads((probs.to(dtype) @ vh.to(dtype)).to(v.dtype))
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -337,3 +352,22 @@ def token_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     if side * side == tokens:
         return side, side
     raise ValueError(f"cannot place {tokens} attention tokens on a grid for a {latent_hw} latent")
+
+
+def parse_layers(text: str, input_name: str) -> tuple[int, ...]:
+    """'4-11', '4, 6, 8' or '' (none) -> sorted unique layer indices; malformed text is a ValueError."""
+    layers: set[int] = set()
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        try:
+            first, last = (int(low), int(high)) if dash else (int(part), int(part))
+        except ValueError:
+            raise ValueError(f"{input_name}: cannot read '{part}'; write layer indices and ranges such as "
+                             f"'4-11' or '4, 6, 8'") from None
+        if first < 0 or last < first:
+            raise ValueError(f"{input_name}: '{part}' is not a range of layer indices (from low to high, from 0)")
+        layers.update(range(first, last + 1))
+    return tuple(sorted(layers))

@@ -66,22 +66,3 @@ class PlugAndPlay(AttentionController):
         if not call.run.pair or call.layout.items < 2 or not call.before(self.feature_until):
             return features
         return inject_source(features, call.layout, self.strength)
-
-
-def parse_layers(text: str, input_name: str) -> tuple[int, ...]:
-    """'4-11', '4, 6, 8' or '' (none) -> sorted unique layer indices; malformed text is a ValueError."""
-    layers: set[int] = set()
-    for part in text.replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        low, dash, high = part.partition("-")
-        try:
-            first, last = (int(low), int(high)) if dash else (int(part), int(part))
-        except ValueError:
-            raise ValueError(f"{input_name}: cannot read '{part}'; write layer indices and ranges such as "
-                             f"'4-11' or '4, 6, 8'") from None
-        if first < 0 or last < first:
-            raise ValueError(f"{input_name}: '{part}' is not a range of layer indices (from low to high, from 0)")
-        layers.update(range(first, last + 1))
-    return tuple(sorted(layers))

@@ -2,15 +2,16 @@
 
 A pair run puts the source and its edits into one batch: latent item 0 is the source, items 1.. are
 targets. The source runs untouched; each target takes over parts of the source's attention:
-- `PromptToPrompt`: cross-attention maps of the source (word swap, refinement through a `TokenMap`,
-  re-weighting by an equaliser) for the first fraction of steps, per target token, and the source's
-  self-attention maps for a shorter fraction (paper, sec. 3.2). As in the paper's implementation only the
-  conditional rows are edited and self-attention only at the small (<= 16x16) layers.
+- `PromptToPrompt`: cross-attention maps of the source, per target key and within its own step window (word
+  swap and refinement through each target's `TokenMap`, re-weighting by an equaliser), and the source's
+  self-attention maps within a shorter window (paper, sec. 3.2). As in the paper's implementation only the
+  conditional rows are edited, cross-attention at every layer and self-attention at the small (<= 16x16)
+  layers.
 - `LocalBlend`: a mask from the cross-attention of chosen words in both prompts (sec. 3.2, "local editing");
-  outside it the target is kept equal to the source.
-- `MutualSelfAttention`: from a start step and start layer the targets' queries attend to the source's
-  keys and values (MasaCtrl, sec. 4.2), optionally split into foreground and background by masks from a
-  word's cross-attention (sec. 4.3).
+  outside it each target's latent is put back onto the source's after every step.
+- `MutualSelfAttention`: in chosen steps and layers the targets' queries attend to the source's keys and
+  values (MasaCtrl, sec. 4.2), optionally split into foreground and background by masks from a word's
+  cross-attention or given by the user (sec. 4.3).
 
 Hosts may repeat a shorter context to batch prompts of different lengths (77 vs 154 tokens); the maps are
 folded back to each prompt's own keys (`fold_repeated_context`) before they are compared or mapped.
@@ -22,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .capture import AttentionMapStore, fold_repeated_context, normalise_per_map, unfold_repeated_context
 from .attention import CROSS, SELF, AttentionCall, AttentionController, AttentionSite, level_grid
+from .capture import AttentionMapStore, fold_repeated_context, normalise_per_map, unfold_repeated_context
 from .tokens import TokenMap
 
 BLEND_LEVEL = 2   # maps of the 1/4-resolution layers: 16x16 for a 64x64 latent, as the paper's local blend
@@ -47,116 +48,174 @@ class PromptKeys:
     positions: tuple[int, ...] = ()
 
 
+def _word_maps(call: AttentionCall, probs: torch.Tensor, keys: tuple[PromptKeys, ...]) -> torch.Tensor:
+    """(items, h, w): each item's conditional map of its words, averaged over heads, summed over the words."""
+    h, w = call.grid
+    layout = call.layout
+    maps = torch.zeros((layout.items, h * w), dtype=probs.dtype, device=probs.device)
+    for row in layout.rows("cond"):
+        item = layout.item_of(row)
+        if item < len(keys) and keys[item].positions:
+            token_maps = fold_repeated_context(probs[row].mean(dim=0), keys[item].context_length)
+            maps[item] += token_maps[:, list(keys[item].positions)].sum(dim=-1)
+    return maps.reshape(layout.items, h, w)
+
+
 class _WordMaps:
-    """Sum of the chosen words' cross-attention maps per latent item, over heads, sites and steps."""
+    """Sum of the chosen words' cross-attention maps per latent item, over sites and steps."""
 
     def __init__(self):
         self.sums: torch.Tensor | None = None   # (items, h, w)
 
     def add(self, call: AttentionCall, probs: torch.Tensor, keys: tuple[PromptKeys, ...]) -> None:
-        h, w = call.grid
-        layout = call.layout
-        maps = torch.zeros((layout.items, h * w), dtype=torch.float32, device=probs.device)
-        for row in layout.rows("cond"):
-            item = layout.item_of(row)
-            if item < len(keys) and keys[item].positions:
-                token_maps = fold_repeated_context(probs[row].mean(dim=0), keys[item].context_length)
-                maps[item] += token_maps[:, list(keys[item].positions)].sum(dim=-1)
-        maps = maps.reshape(layout.items, h, w)
+        maps = _word_maps(call, probs, keys)
         self.sums = maps if self.sums is None else self.sums + maps
-
-    def normalised(self) -> torch.Tensor | None:
-        return None if self.sums is None else normalise_per_map(self.sums)
 
 
 def _is_map_site(call: AttentionCall, level: int) -> bool:
     return call.site.kind == CROSS and call.latent_hw is not None and call.grid == level_grid(call.latent_hw, level)
 
 
+def _has_words(keys: tuple[PromptKeys, ...], device) -> torch.Tensor:
+    return torch.tensor([bool(k.positions) for k in keys], device=device)
+
+
+@dataclass(frozen=True)
+class TargetEdit:
+    """One target of a Prompt-to-Prompt run.
+
+    `token_map`: how the target's keys take the source's maps. `cross_windows[j]`: the (start, end) fractions
+    of the steps during which target key j takes them (word swap and refinement; tokens the target adds keep
+    their own). `equalizer[j]` scales target key j's attention within its window (re-weighting; Hertz et al.
+    apply it to the replaced maps).
+    """
+    token_map: TokenMap
+    cross_windows: tuple[tuple[float, float], ...]
+    equalizer: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        n = self.token_map.target_length
+        if len(self.cross_windows) != n or (self.equalizer is not None and len(self.equalizer) != n):
+            raise ValueError(f"cross_windows / equalizer need one value per target key ({n})")
+
+    @staticmethod
+    def uniform(token_map: TokenMap, cross_end: float, cross_start: float = 0.0,
+                equalizer: tuple[float, ...] | None = None) -> "TargetEdit":
+        return TargetEdit(token_map, ((cross_start, cross_end),) * token_map.target_length, equalizer)
+
+
 @dataclass(frozen=True, eq=False)
 class PromptToPrompt(AttentionController):
     """Cross- and self-attention replacement from the source (item 0) into the targets (items 1..).
 
-    `cross_until[j]`: fraction of the steps during which target key j takes the source's attention (word
-    swap and refinement; tokens the target adds keep their own). `equalizer[j]` scales target key j's
-    attention during that window (re-weighting; Hertz et al. apply it to the replaced maps).
+    Windows count steps as the reference implementation does: key j of a target is replaced at steps
+    int(start * (N + 1)) <= step < int(end * (N + 1)) (its cross-attention table has N + 1 rows), the
+    self-attention at int(start * N) <= step < int(end * N). `max_tokens` caps the cross-attention layers
+    edited (None: every layer, as the reference); `self_max_tokens` the self-attention layers (16x16 in the
+    paper's generated-image code, 32x32 in its real-image code).
     """
-    token_map: TokenMap
-    cross_until: tuple[float, ...]
-    self_until: float = 0.4
-    equalizer: tuple[float, ...] | None = None
-    max_tokens: int = 32 * 32
+    targets: tuple[TargetEdit, ...]
+    self_window: tuple[float, float] = (0.0, 0.4)
+    max_tokens: int | None = None
     self_max_tokens: int = 16 * 16
     _tensors: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def __post_init__(self):
-        n = self.token_map.target_length
-        if len(self.cross_until) != n or (self.equalizer is not None and len(self.equalizer) != n):
-            raise ValueError(f"cross_until / equalizer need one value per target key ({n})")
-
-    def _tensor(self, name: str, device) -> torch.Tensor:
-        key = (name, str(device))
+    def _target_tensors(self, device) -> list[tuple[torch.Tensor, ...]]:
+        """Per target: (gather index, gather weight, aligned, equaliser or None) on `device`."""
+        key = str(device)
         if key not in self._tensors:
-            values = {"index": self.token_map.source_index, "aligned": self.token_map.aligned,
-                      "until": self.cross_until, "equalizer": self.equalizer}[name]
-            dtype = torch.long if name == "index" else torch.float32
-            self._tensors[key] = torch.tensor(values, dtype=dtype, device=device)
+            tables = []
+            for t in self.targets:
+                index, weight = t.token_map.gather()
+                tables.append((torch.tensor(index, dtype=torch.long, device=device),
+                               torch.tensor(weight, dtype=torch.float64, device=device),
+                               torch.tensor(t.token_map.aligned, device=device),
+                               None if t.equalizer is None else torch.tensor(t.equalizer, dtype=torch.float64,
+                                                                             device=device)))
+            self._tensors[key] = tables
         return self._tensors[key]
 
-    def wants_site(self, site: AttentionSite) -> bool:
-        return True
+    def new_run_state(self):
+        return {}   # (device, steps, step) -> per target: keys in their cross window (bool tensor) or None
+
+    def _cross_active(self, call: AttentionCall, device) -> list[torch.Tensor | None]:
+        cache = call.state(self)
+        key = (str(device), call.num_steps, call.step)
+        if key not in cache:
+            rows = call.num_steps + 1
+            active = []
+            for t in self.targets:
+                flags = [call.within(start, end, rows) for start, end in t.cross_windows]
+                active.append(torch.tensor(flags, device=device) if any(flags) else None)
+            cache[key] = active
+        return cache[key]
 
     def acts_on(self, call: AttentionCall) -> bool:
-        if call.layout.items < 2 or "cond" not in call.layout.chunks:
+        if call.layout.items != len(self.targets) + 1 or "cond" not in call.layout.chunks:
             return False
         tokens = call.grid[0] * call.grid[1]
         if call.site.kind == SELF:
-            return tokens <= self.self_max_tokens and call.before(self.self_until)
-        return tokens <= self.max_tokens and call.before(max(self.cross_until, default=0.0))
+            return tokens <= self.self_max_tokens and call.within(*self.self_window)
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return False
+        rows = call.num_steps + 1
+        return any(call.within(start, end, rows) for t in self.targets for start, end in set(t.cross_windows))
 
     def needs_probs(self, call: AttentionCall) -> bool:
         return True
 
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         probs = probs.clone()
-        for source, targets in pair_rows(call):
-            if call.site.kind == SELF:
+        if call.site.kind == SELF:
+            for source, targets in pair_rows(call):
                 probs[targets] = probs[source].clone()
-            else:
-                for row in targets:
-                    probs[row] = self._cross(call, probs[source], probs[row])
+            return probs
+        active = self._cross_active(call, probs.device)
+        tables = self._target_tensors(probs.device)
+        for source, targets in pair_rows(call):
+            for row, window, table in zip(targets, active, tables):
+                if window is not None:
+                    probs[row] = self._cross(probs[source], probs[row], window, table)
         return probs
 
-    def _cross(self, call: AttentionCall, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        device = source.device
+    def _cross(self, source: torch.Tensor, target: torch.Tensor, window: torch.Tensor, table) -> torch.Tensor:
+        index, weight, aligned, equalizer = table
         total = target.shape[-1]
-        mapped = fold_repeated_context(source, self.token_map.source_length)[..., self._tensor("index", device)]
-        own = fold_repeated_context(target, self.token_map.target_length)
-        in_window = call.before(self._tensor("until", device)).float()
-        active = in_window * self._tensor("aligned", device)
-        edited = own + active * (mapped - own)
-        if self.equalizer is not None:
-            edited = edited * (1 + in_window * (self._tensor("equalizer", device) - 1))
+        source = fold_repeated_context(source, self._source_length())
+        own = fold_repeated_context(target, index.shape[0])
+        picked = source[..., index.flatten()].reshape(*source.shape[:-1], *index.shape)
+        mapped = (picked * weight.to(picked.dtype)).sum(dim=-1)
+        edited = torch.where(window & aligned, mapped, own)
+        if equalizer is not None:
+            edited = edited * torch.where(window, equalizer.to(edited.dtype), torch.ones_like(equalizer, dtype=edited.dtype))
         return unfold_repeated_context(edited, total)
+
+    def _source_length(self) -> int:
+        return self.targets[0].token_map.source_length
 
 
 @dataclass
 class _BlendState:
-    maps: _WordMaps = field(default_factory=_WordMaps)
-    mask: torch.Tensor | None = None   # (targets, 1, H, W) bool, grows monotonically
+    words: _WordMaps = field(default_factory=_WordMaps)
+    subtract: _WordMaps = field(default_factory=_WordMaps)
+    mask: torch.Tensor | None = None   # (targets, 1, H, W) the last mask computed
 
 
 @dataclass(frozen=True, eq=False)
 class LocalBlend(AttentionController):
     """Keeps each target equal to the source outside the region of chosen words (Hertz et al., sec. 3.2).
 
-    `keys[i]` are the words' key positions in item i's prompt (empty where a prompt lacks them). The mask
-    follows the paper: word maps at the 1/4-resolution layers summed over steps so far, 3x3 max-pooled,
-    resized to the latent, normalised to 1, thresholded, the source's region joined to each target's.
-    A pixel once inside stays inside, so that a sampler keeping the outside equal keeps it equal forever.
+    `keys[i]` are the words' key positions in item i's prompt (empty where a prompt lacks them). After each
+    step from int(start * N) on, the mask is computed anew from the word maps of the 1/4-resolution layers
+    summed over all steps so far: 3x3 max-pooled, resized to the latent (nearest), normalised to a peak of
+    1, > threshold, the source's region joined to each target's; the region of the `subtract` words
+    (no pooling, > subtract_threshold, also joined) is taken out of it (the paper's real-image code). The
+    host then puts each target's latent back onto the source's outside the mask (`blend_denoised`).
     """
     keys: tuple[PromptKeys, ...]
+    subtract: tuple[PromptKeys, ...] | None = None
     threshold: float = 0.3
+    subtract_threshold: float = 0.3
     start: float = 0.0
     level: int = BLEND_LEVEL
     mask_store: AttentionMapStore = field(default_factory=AttentionMapStore)   # the last run's final mask
@@ -171,7 +230,10 @@ class LocalBlend(AttentionController):
         return True
 
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
-        call.state(self).maps.add(call, probs, self.keys)
+        state = call.state(self)
+        state.words.add(call, probs, self.keys)
+        if self.subtract is not None:
+            state.subtract.add(call, probs, self.subtract)
         return probs
 
     def new_run_state(self):
@@ -181,70 +243,113 @@ class LocalBlend(AttentionController):
         if success and state.mask is not None:
             self.mask_store.publish(state.mask.float().cpu())
 
-    def update_mask(self, state: _BlendState, latent_hw: tuple[int, int]) -> torch.Tensor | None:
-        """Fold the maps recorded so far into the mask; (targets, 1, H, W) float, or None before any map."""
-        maps = state.maps.sums
-        if maps is None:
-            return None if state.mask is None else state.mask.float()
-        pooled = F.max_pool2d(maps[:, None], kernel_size=3, stride=1, padding=1)
-        pooled = F.interpolate(pooled, size=tuple(latent_hw), mode="nearest")
-        inside = normalise_per_map(pooled) > self.threshold
-        has_words = torch.tensor([bool(k.positions) for k in self.keys], device=inside.device)
-        inside = inside & has_words[:, None, None, None]
-        mask = inside[:1] | inside[1:]
-        state.mask = mask if state.mask is None or state.mask.shape != mask.shape else state.mask | mask
-        return state.mask.float()
+    def first_step(self, steps: int) -> int:
+        """The first step after which the latents are blended: int(start * steps), as the reference's counter."""
+        return int(self.start * steps)
 
-    def blend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (items, C, H, W) with the source first; targets become source + mask * (target - source)."""
-        if mask is None:
-            return x
-        inside = mask.to(x.device) > 0.5   # the mask is binary: select rather than mix, exact on both sides
-        return torch.cat([x[:1], torch.where(inside, x[1:], x[:1])])
+    def _region(self, sums: torch.Tensor, keys, threshold: float, pool: bool, latent_hw) -> torch.Tensor:
+        maps = sums[:, None]
+        if pool:
+            maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
+        maps = F.interpolate(maps, size=tuple(latent_hw), mode="nearest")
+        inside = normalise_per_map(maps) > threshold
+        inside = inside & _has_words(keys, inside.device)[:, None, None, None]
+        return inside[:1] | inside[1:]
+
+    def update_mask(self, state: _BlendState, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """The mask of this step from the maps recorded so far: (targets, 1, H, W) float, None before any map."""
+        if state.words.sums is None:
+            return None
+        mask = self._region(state.words.sums, self.keys, self.threshold, True, latent_hw)
+        if self.subtract is not None and state.subtract.sums is not None:
+            mask = mask & ~self._region(state.subtract.sums, self.subtract, self.subtract_threshold, False, latent_hw)
+        state.mask = mask
+        return mask.float()
+
+
+def blend_denoised(x: torch.Tensor, denoised: torch.Tensor, mask: torch.Tensor, sigma: float,
+                   sigma_next: float | None) -> torch.Tensor:
+    """Denoised predictions whose first-order step lands each target on the blended latent.
+
+    x, denoised: (items, C, H, W), the source first; mask: (targets, 1, H, W) in {0, 1}. The reference blends
+    the latents after the sampler's step: x_next = x_next_source + mask * (x_next_target - x_next_source).
+    An Euler / DDIM step x_next = x + (sigma_next - sigma) / sigma * (x - D) lands there exactly when each
+    target's D is solved from it; inside the mask that is the target's own D, and outside, where the target
+    already sits on the source, the source's D. Without a `sigma_next` (an evaluation between two schedule
+    steps, as second-order samplers make) the predictions themselves are blended.
+    """
+    inside = mask.to(x.device) > 0.5
+    source_d, target_d = denoised[:1], denoised[1:]
+    if sigma_next is None or sigma_next == 0.0:
+        # the last step returns D itself
+        return torch.cat([source_d, torch.where(inside, target_d, source_d)])
+    rate = (sigma_next - sigma) / sigma
+    source_x, target_x = x[:1].to(denoised.dtype), x[1:].to(denoised.dtype)
+    source_next = source_x + rate * (source_x - source_d)
+    solved = target_x - (source_next - target_x) / rate          # lands target_x on source_next
+    outside = torch.where(target_x == source_x, source_d, solved)
+    return torch.cat([source_d, torch.where(inside, target_d, outside)])
 
 
 @dataclass
 class _MutualState:
-    maps: _WordMaps = field(default_factory=_WordMaps)
+    evaluation: tuple | None = None    # (step, sigma) of the maps below
+    sums: torch.Tensor | None = None   # (items, h, w) this evaluation's word maps summed over the 16x16 layers
+    count: int = 0
 
 
 @dataclass(frozen=True, eq=False)
 class MutualSelfAttention(AttentionController):
-    """MasaCtrl: from `start_step` on, at layers >= `start_layer`, every item's self-attention queries attend
-    to the source's keys and values (in each of the conditional and unconditional chunks).
+    """MasaCtrl: at steps start_step <= step < end_step and transformer layers `layers`, every target's
+    self-attention queries attend to the source's keys and values (in each of the conditional and
+    unconditional chunks); with `union` to the source's and their own (MasaCtrl's union variant).
 
-    With `mask_keys` (a foreground word's positions per item) the attention is split: target foreground
-    queries see only the source's foreground keys, background queries only its background (sec. 4.3). The
-    masks come from the word's cross-attention so far, normalised and thresholded, and are applied at
-    self-attention sites of at most `mask_max_tokens` (elsewhere the unmasked mutual attention runs on the
-    host's fast kernel).
+    Masked variants (sec. 4.3) split the attention: target foreground queries see only the source's
+    foreground keys, background queries only its background. The masks are either `masks` given by the user
+    (source, target; (H, W) in {0, 1}, nearest-resized to each layer), or come from the cross-attention of
+    a word (`mask_keys`, its positions in each prompt) as in the reference's MaskAuto: the word's conditional
+    maps of the current step's 16x16 layers (averaged), min-max normalised, nearest-resized, >= threshold;
+    until the current step has produced a map, the attention is unmasked.
     """
     start_step: int = 4
-    start_layer: int = 10
+    end_step: int | None = None
+    layers: frozenset[int] = frozenset(range(10, 16))
     mask_keys: tuple[PromptKeys, ...] | None = None
     mask_threshold: float = 0.1
-    mask_max_tokens: int = 32 * 32
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None
+    union: bool = False
     level: int = BLEND_LEVEL
 
-    def wants_site(self, site: AttentionSite) -> bool:
-        return (site.kind == SELF and site.layer >= self.start_layer) or (site.kind == CROSS and self.mask_keys is not None)
+    def __post_init__(self):
+        if self.union and (self.mask_keys is not None or self.masks is not None):
+            raise ValueError("MasaCtrl's union of source and target keys takes no mask")
 
-    def _mutual(self, call: AttentionCall) -> bool:
-        return call.site.kind == SELF and call.site.layer >= self.start_layer and call.step >= self.start_step
+    def wants_site(self, site: AttentionSite) -> bool:
+        return (site.kind == SELF and site.layer in self.layers) or (site.kind == CROSS and self.mask_keys is not None)
+
+    def check_run(self, num_steps: int) -> None:
+        if self.start_step >= num_steps:
+            raise ValueError(f"start_step: MasaCtrl starts at step {self.start_step}, but the sampler runs "
+                             f"{num_steps} steps (0 to {num_steps - 1}), so it would change nothing; lower "
+                             f"start_step or sample more steps")
+
+    def _in_window(self, call: AttentionCall) -> bool:
+        return self.start_step <= call.step and (self.end_step is None or call.step < self.end_step)
 
     def acts_on(self, call: AttentionCall) -> bool:
         if call.layout.items < 2:
             return False
         if call.site.kind == CROSS:
             return self.mask_keys is not None and len(self.mask_keys) == call.layout.items \
-                and _is_map_site(call, self.level)
-        return self._mutual(call)
+                and _is_map_site(call, self.level) and self._in_window(call) and "cond" in call.layout.chunks
+        return call.site.layer in self.layers and self._in_window(call)
 
     def needs_probs(self, call: AttentionCall) -> bool:
         if call.site.kind == CROSS:
             return True
-        return (self.mask_keys is not None and call.grid[0] * call.grid[1] <= self.mask_max_tokens
-                and call.state(self).maps.sums is not None)
+        if self.masks is not None:
+            return True
+        return self.mask_keys is not None and self._step_maps(call) is not None
 
     def new_run_state(self):
         return _MutualState()
@@ -252,36 +357,78 @@ class MutualSelfAttention(AttentionController):
     def edit_qkv(self, call: AttentionCall, q, k, v):
         if call.site.kind == CROSS:
             return q, k, v
+        if self.union:
+            return q, self._with_source(call, k), self._with_source(call, v)
         k, v = k.clone(), v.clone()
         for source, targets in pair_rows(call, branch=None):
             k[targets] = k[source].clone()
             v[targets] = v[source].clone()
         return q, k, v
 
+    def _with_source(self, call: AttentionCall, x: torch.Tensor) -> torch.Tensor:
+        """Each row's tokens preceded by its chunk's source row tokens (the source row sees itself twice,
+        which leaves its attention unchanged)."""
+        first = torch.cat([x[source:source + 1].expand(len(targets) + 1, -1, -1)
+                           for source, targets in pair_rows(call, branch=None)])
+        return torch.cat([first, x], dim=1)
+
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
-        state = call.state(self)
         if call.site.kind == CROSS:
-            state.maps.add(call, probs, self.mask_keys)
+            self._record(call, probs)
             return probs
-        masks = self._masks(state, call.grid)   # (items, Nq) in {0, 1}
+        foreground = self._foreground(call, probs.device)   # (items, tokens) bool
         probs = probs.clone()
         layout = call.layout
         for source, targets in pair_rows(call, branch=None):
-            fg_keys = masks[layout.item_of(source)]
-            # a source without foreground (or background) yet keeps plain mutual attention; decided on the
-            # device, as reading the count back would stall the GPU at every call
-            split = (fg_keys.sum() > 0) & (fg_keys.sum() < fg_keys.numel())
             for row in targets:
-                p = probs[row]
-                fg = p * fg_keys
-                bg = p - fg
-                fg = fg / fg.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-                bg = bg / bg.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-                query_fg = masks[layout.item_of(row)][None, :, None]
-                probs[row] = torch.where(split, query_fg * fg + (1 - query_fg) * bg, p)
+                probs[row] = _split_attention(probs[row], foreground[layout.item_of(source)],
+                                              foreground[layout.item_of(row)])
         return probs
 
-    def _masks(self, state: _MutualState, grid: tuple[int, int]) -> torch.Tensor:
-        maps = state.maps.normalised()
-        resized = F.interpolate(maps[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
-        return (resized > self.mask_threshold).float().flatten(1)
+    def _foreground(self, call: AttentionCall, device) -> torch.Tensor:
+        """Each item's foreground at this layer's token grid: the source's (item 0) selects keys, a target's
+        its queries."""
+        if self.masks is not None:
+            source, target = (m.to(device)[None] for m in self.masks)
+            maps = torch.cat([source] + [target] * (call.layout.items - 1))
+            threshold = 0.5
+        else:
+            maps = _min_max(self._step_maps(call))
+            threshold = self.mask_threshold
+        grid = F.interpolate(maps[:, None].to(torch.promote_types(maps.dtype, torch.float32)), size=call.grid,
+                             mode="nearest")[:, 0]
+        return (grid >= threshold).flatten(1)
+
+    def _record(self, call: AttentionCall, probs: torch.Tensor) -> None:
+        state = call.state(self)
+        if state.evaluation != (call.step, call.sigma):   # the reference clears its maps after every step
+            state.evaluation, state.sums, state.count = (call.step, call.sigma), None, 0
+        maps = _word_maps(call, probs, self.mask_keys)
+        state.sums = maps if state.sums is None else state.sums + maps
+        state.count += 1
+
+    def _step_maps(self, call: AttentionCall) -> torch.Tensor | None:
+        """The word's maps of this evaluation's 16x16 layers so far (averaged), or None before the first."""
+        state = call.state(self)
+        if state.evaluation != (call.step, call.sigma) or state.sums is None:
+            return None
+        return state.sums / state.count
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    low = maps.flatten(1).amin(dim=1)[:, None, None]
+    high = maps.flatten(1).amax(dim=1)[:, None, None]
+    return (maps - low) / (high - low)
+
+
+def _split_attention(p: torch.Tensor, key_fg: torch.Tensor, query_fg: torch.Tensor) -> torch.Tensor:
+    """p: (heads, Nq, Nk) probabilities; key_fg (Nk,), query_fg (Nq,) bool. Foreground queries attend only to
+    foreground keys and background queries to background keys, each renormalised; a region without keys
+    attends uniformly to all (what the reference's masking with the float minimum gives)."""
+    parts = []
+    for keys in (key_fg, ~key_fg):
+        part = p * keys.to(p.dtype)
+        total = part.sum(dim=-1, keepdim=True)
+        uniform = torch.full_like(p, 1.0 / p.shape[-1])
+        parts.append(torch.where(total > 0, part / total.clamp(min=torch.finfo(p.dtype).tiny), uniform))
+    return torch.where(query_fg[None, :, None], parts[0], parts[1])

@@ -157,11 +157,16 @@ def call_from_options(site: AttentionSite, q, extra_options: dict, run: RunState
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
+    """A fresh RunState per sampling run (args: noise, latent, sampler, sigmas, ...)."""
     guider = executor.class_obj
     options = guider.model_options.setdefault("transformer_options", {})   # this run's own copy
     controls: ControlSet | None = options.get(CONTROLS_KEY)
     if controls is None:
         return executor(*args, **kwargs)
+    sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+    if sigmas is not None:
+        for controller in controls.controllers:
+            controller.check_run(max(int(sigmas.shape[-1]) - 1, 0))
     run = RunState(controls.controllers)
     options[RUN_KEY] = run
     ok = False
@@ -217,11 +222,12 @@ def _diffusion_model_wrapper(executor, x, *args, **kwargs):
             handle.remove()
 
 
-def evaluation_step(model_options: dict, timestep) -> int | None:
-    """The step the PREDICT_NOISE wrapper found for the evaluation at `timestep` (None outside a controlled run)."""
+def evaluation(model_options: dict, timestep) -> tuple[int, int, float | None] | None:
+    """(step, steps, sigma) the PREDICT_NOISE wrapper found for the evaluation at `timestep` (None outside a
+    controlled run); reading it costs no GPU read."""
     run = model_options.get("transformer_options", {}).get(RUN_KEY)
     cached = run.host.get("step") if run is not None else None
-    return cached[1][0] if cached is not None and cached[0] is timestep else None
+    return cached[1] if cached is not None and cached[0] is timestep else None
 
 
 def attach_controller(model_patcher, controller: AttentionController):

@@ -14,15 +14,18 @@ def _sd_tokenizer(clip):
                      "SD 2.x or SDXL text encoder")
 
 
+EMBEDDING = -1   # the id given to a textual-inversion embedding's vectors (they arrive as tensors)
+
+
 def _token_id(entry) -> int:
     token = entry[0]
-    return int(token) if isinstance(token, int) else -1   # embeddings arrive as tensors
+    return int(token) if isinstance(token, int) else EMBEDDING
 
 
 def prompt_tokens(clip, text: str) -> PromptTokens:
     sd_tokenizer, key = _sd_tokenizer(clip)
     chunks = clip.tokenize(text)[key]
-    special = {sd_tokenizer.start_token, sd_tokenizer.end_token, sd_tokenizer.pad_token, -1}
+    special = {sd_tokenizer.start_token, sd_tokenizer.end_token, sd_tokenizer.pad_token}
     return PromptTokens(tuple(tuple(_token_id(e) for e in chunk) for chunk in chunks),
                         frozenset(t for t in special if t is not None))
 
@@ -35,7 +38,7 @@ def word_codec(clip):
         return [t for _, t in prompt_tokens(clip, word).content()]
 
     def id_to_piece(token_id: int) -> str:
-        return sd_tokenizer.inv_vocab.get(token_id, "?")
+        return sd_tokenizer.inv_vocab.get(token_id, "<embedding></w>")   # each embedding vector: its own word
 
     return encode_word, id_to_piece
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..core.plug_and_play import DECODER, PlugAndPlay, parse_layers
+from ..core.attention import parse_layers
+from ..core.plug_and_play import DECODER, PlugAndPlay
 from .comfy_attention import attach_controller, feature_sites, transformer_blocks
-from .inversion import InversionType, _check_context, _unet_model, conditioning_context
+from .host_helpers import check_context_width, conditioning_context, require_sd_unet
+from .inversion import InversionType
 from .pair_guider import PairCFGGuider
 
 CATEGORY = "EditKit/features"
@@ -78,7 +80,10 @@ class FeatureInjectorNode(io.ComfyNode):
                 io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
                                tooltip="Guidance scale of the translation (paper: 7.5)."),
             ],
-            outputs=[io.Guider.Output(), io.Model.Output(display_name="model",
+            outputs=[io.Guider.Output(tooltip="Samples the photo's inversion (first) and the translation together: "
+                                              "connect it to SamplerCustomAdvanced with the inversion's noised "
+                                              "latent, SIGMAS and DisableNoise."),
+                     io.Model.Output(display_name="model",
                                                           tooltip="The patched model, to add an Attention "
                                                                   "Controller's edits on top of the injection.")],
         )
@@ -86,7 +91,7 @@ class FeatureInjectorNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, positive, negative, feature_layers, feature_until, attention_layers,
                 attention_until, strength, cfg) -> io.NodeOutput:
-        inner = _unet_model(model)
+        inner = require_sd_unet(model)
         if inversion.source_context is None:
             raise ValueError("inversion: it carries no source prompt encoding; invert the photo with 'Invert Image'")
         for conditioning, name in ((positive, "positive"), (negative, "negative")):
@@ -96,7 +101,7 @@ class FeatureInjectorNode(io.ComfyNode):
         target = conditioning_context(positive, "positive")
         target_negative = conditioning_context(negative, "negative")
         for context, name in ((target, "positive"), (target_negative, "negative")):
-            _check_context(inner, context, name)
+            check_context_width(inner, context, name)
         with_features = sorted(s.block_id for s in feature_sites(model) if s.block == DECODER)
         with_attention = sorted({block_id for block, block_id, _ in transformer_blocks(model) if block == DECODER})
         controller = PlugAndPlay(
@@ -107,7 +112,7 @@ class FeatureInjectorNode(io.ComfyNode):
         patched = attach_controller(model, controller)
         guider = PairCFGGuider(patched, [inversion.source_context, target], None, cfg, inversion=inversion,
                                target_negative=target_negative, positive_options=positive[0][1],
-                               negative_options=negative[0][1])
+                               negative_options=negative[0][1], pin_source=True)
         return io.NodeOutput(guider, patched)
 
 

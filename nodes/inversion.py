@@ -11,7 +11,6 @@ import logging
 import os
 
 import comfy.model_management
-import comfy.model_sampling
 import comfy.samplers
 import comfy.utils
 import torch
@@ -20,38 +19,11 @@ from comfy_api.latest import io
 from ..core.inversion import (MODES, Inversion, NotAnInversionError, NullTextSettings, ddim_invert, direct_denoised,
                               load_inversion, null_text_optimise, save_inversion)
 from ..core.schedule import step_index
+from .host_helpers import (check_context_width, check_inversion_sampling, conditioning_context, inversion_negative,
+                           require_sd_unet)
 
 CATEGORY = "EditKit/inversion"
 InversionType = io.Custom("EDITKIT_INVERSION")
-
-
-def _unet_model(model):
-    inner = model.model
-    if not isinstance(inner.model_sampling, comfy.model_sampling.EPS) or not hasattr(inner, "diffusion_model") \
-            or not hasattr(inner.diffusion_model, "input_blocks"):
-        raise ValueError(f"model: real-image inversion and editing need an SD 1.x / SD 2.x UNet (noise or v "
-                         f"prediction); got "
-                         f"{type(inner).__name__} with {type(inner.model_sampling).__name__} sampling")
-    if getattr(inner, "adm_channels", 0):
-        raise ValueError("model: SDXL-style models (pooled text conditioning) are not supported by the "
-                         "inversion and editing nodes yet; use an SD 1.x or SD 2.x checkpoint")
-    return inner
-
-
-def conditioning_context(conditioning, name: str) -> torch.Tensor:
-    if not conditioning or not isinstance(conditioning[0], (list, tuple)) or not torch.is_tensor(conditioning[0][0]):
-        raise ValueError(f"{name}: expected a CONDITIONING from a text encoder (e.g. CLIPTextEncode)")
-    context = conditioning[0][0]
-    if context.ndim != 3 or context.shape[0] != 1:
-        raise ValueError(f"{name}: expected one prompt encoding of shape (1, tokens, width), got {tuple(context.shape)}")
-    return context
-
-
-def _check_context(inner, context, name):
-    width = inner.model_config.unet_config.get("context_dim")
-    if width is not None and context.shape[-1] != width:
-        raise ValueError(f"{name}: the text encoding is {context.shape[-1]} wide but this model's cross-attention "
-                         f"expects {width}; encode the prompt with the CLIP of the same checkpoint")
 
 
 class ComfyEps:
@@ -158,7 +130,7 @@ class NullTextInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, mode, steps, scheduler, guidance, inner_steps,
                 learning_rate, early_stop) -> io.NodeOutput:
-        inner = _unet_model(model)
+        inner = require_sd_unet(model)
         samples = latent["samples"]
         if samples.ndim != 4 or samples.shape[0] != 1:
             raise ValueError(f"latent: invert one image at a time; got a batch of {samples.shape[0]}"
@@ -173,8 +145,8 @@ class NullTextInvert(io.ComfyNode):
             raise ValueError(f"mode: '{mode}' is not one of {', '.join(MODES)}")
         cond = conditioning_context(positive, "positive")
         uncond = conditioning_context(negative, "negative")
-        _check_context(inner, cond, "positive")
-        _check_context(inner, uncond, "negative")
+        check_context_width(inner, cond, "positive")
+        check_context_width(inner, uncond, "negative")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).float().cpu()
 
         eps = ComfyEps(model)
@@ -209,47 +181,6 @@ class NullTextInvert(io.ComfyNode):
         return io.NodeOutput(noised, inversion, sigmas.clone())
 
 
-DETERMINISTIC_HINT = "euler, ddim, dpmpp_2m, heun, lms, deis, uni_pc"
-
-
-def check_deterministic_sampler(sampler):
-    name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
-    if any(part in name for part in ("ancestral", "sde", "lcm", "ddpm", "restart")):
-        raise ValueError(f"sampler: '{name.replace('sample_', '')}' adds fresh noise at every step, so it cannot "
-                         f"retrace an inversion; use a deterministic sampler ({DETERMINISTIC_HINT})")
-
-
-def check_inversion_sigmas(inversion: Inversion, sigmas) -> None:
-    if sigmas.shape[-1] != inversion.sigmas.shape[-1] or not torch.allclose(
-            sigmas.float().cpu(), inversion.sigmas.float(), rtol=1e-4, atol=1e-6):
-        raise ValueError(f"sigmas: sample with the schedule the inversion used ({inversion.sigmas.shape[-1] - 1} "
-                         f"steps); connect the 'sigmas' output of the inversion node")
-
-
-def inversion_negative(conds: dict, inversion: Inversion, step: int):
-    """The unconditional branch an inversion prescribes at `step`, from a guider's processed conds
-    ("negative": the encoding it was inverted with, "source": the source prompt)."""
-    if inversion.mode == "negative_prompt":
-        return conds["source"]
-    if inversion.mode == "null_text":
-        embedding = inversion.uncond_embeddings[step][None]
-        return replace_context(conds["negative"], lambda old: embedding.to(old.device, old.dtype))
-    return conds["negative"]
-
-
-def replace_context(conds: list, make_context) -> list:
-    """Copies of processed conds whose cross-attention context is `make_context(current context)`."""
-    out = []
-    for c in conds:
-        c = c.copy()
-        model_conds = dict(c["model_conds"])
-        template = model_conds["c_crossattn"]
-        model_conds["c_crossattn"] = template._copy_with(make_context(template.cond))
-        c["model_conds"] = model_conds
-        out.append(c)
-    return out
-
-
 class InversionCFGGuider(comfy.samplers.CFGGuider):
     """CFG that reproduces the inversion: the unconditional branch of each step is the one the inversion
     prescribes (null-text embedding of that step, the source prompt, or the negative it was inverted with),
@@ -268,8 +199,7 @@ class InversionCFGGuider(comfy.samplers.CFGGuider):
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
-        check_deterministic_sampler(sampler)
-        check_inversion_sigmas(self.inversion, sigmas)
+        check_inversion_sampling(self.inversion, noise, sampler, sigmas)
         return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -301,13 +231,14 @@ class InversionGuider(io.ComfyNode):
                 io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
                                tooltip="Guidance scale (null-text inversion was optimised for its 'guidance')."),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output(tooltip="Samples from the inversion: connect it to SamplerCustomAdvanced with the "
+                                              "inversion's noised latent, SIGMAS and DisableNoise.")],
         )
 
     @classmethod
     def execute(cls, model, inversion, positive, cfg) -> io.NodeOutput:
-        _unet_model(model)
-        _check_context(model.model, conditioning_context(positive, "positive"), "positive")
+        require_sd_unet(model)
+        check_context_width(model.model, conditioning_context(positive, "positive"), "positive")
         return io.NodeOutput(InversionCFGGuider(model, inversion, positive, cfg))
 
 

@@ -133,5 +133,5 @@ def test_step_windows_count_like_the_reference_code():
                              RunState())
     assert [s for s in range(6) if call(s, 6).before(0.8)] == [0, 1, 2, 3]          # int(4.8) = 4
     assert [s for s in range(50) if call(s, 50).before(0.4)] == list(range(20))
-    assert [s for s in range(100) if call(s, 100).before(0.29)] == list(range(29))  # 0.29 * 100 = 28.999...
-    assert call(3, 6).before(torch.tensor([0.5, 0.8])).tolist() == [False, True]
+    assert [s for s in range(100) if call(s, 100).before(0.29)] == list(range(28))  # int(28.999...) as the reference
+    assert [s for s in range(7) if call(s, 7).within(0.2, 0.8, rows=8)] == [1, 2, 3, 4, 5]   # P2P's cross table

@@ -93,7 +93,7 @@ def test_injection_never_changes_the_source_and_keeps_the_target_closer_to_it(un
 
 
 def test_layer_lists_read_indices_and_ranges_and_refuse_anything_else():
-    from editkit.core.plug_and_play import parse_layers
+    from editkit.core.attention import parse_layers
     assert parse_layers("4-11", "attention_layers") == tuple(range(4, 12))
     assert parse_layers(" 6, 4; 5-6 ", "x") == (4, 5, 6)
     assert parse_layers("", "x") == ()

@@ -6,7 +6,7 @@ import torch
 from editkit.core import schedule
 from editkit.core.attention import AttentionCall, BatchLayout, RunState, AttentionSite, attention_probs
 from editkit.core.capture import AttentionMapCapture, fold_repeated_context, unfold_repeated_context
-from editkit.core.prompt2prompt import LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt
+from editkit.core.prompt2prompt import blend_denoised, LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt, TargetEdit
 from editkit.core.tokens import AlignmentError, TokenMap, refinement_alignment, swap_alignment
 from support.clip_tokens import sd1_tokenizer, sd1_tokens
 from support.pair_sampling import LATENT_HW, STEPS, pair_sample
@@ -18,34 +18,65 @@ def tokenizer():
 
 # ---- token alignment ------------------------------------------------------------------------------------
 
+def _piece(tokenizer):
+    return lambda i: tokenizer.convert_ids_to_tokens(i)
+
+
+def _first(m):
+    """Target key -> its (only) source key, or None for an added token."""
+    return tuple(s[0] if s else None for s in m.sources)
+
+
 def test_refinement_aligns_every_source_token_to_its_target_token(tokenizer):
     source = sd1_tokens(tokenizer, "a cat riding a bicycle")
     target = sd1_tokens(tokenizer, "a cat riding a red bicycle")
     m = refinement_alignment(source, target)
     # keys: 0 start, 1 a, 2 cat, 3 riding, 4 a, 5 (red), 6 bicycle, 7 end; the source has no 'red'
-    assert m.source_index[:5] == (0, 1, 2, 3, 4) and m.source_index[6] == 5
-    assert m.aligned[:7] == (True,) * 5 + (False, True)
-    assert m.source_index[7] == 6 and m.source_index[8] == 7   # end token to end token, padding after it
+    assert _first(m)[:8] == (0, 1, 2, 3, 4, None, 5, 6)   # end token to end token
+    assert _first(m)[8:] == tuple(range(8, 77))            # padding key j takes source key j (the reference)
     src_ids = [t for c in source.chunks for t in c]
     tgt_ids = [t for c in target.chunks for t in c]
-    for j, (i, ok) in enumerate(zip(m.source_index, m.aligned)):
-        if ok:
+    for j, i in enumerate(_first(m)):
+        if i is not None:
             assert src_ids[i] == tgt_ids[j]
-    assert m.target_length == 77 and m.source_length == 77
+    assert m.target_length == 77 and m.source_length == 77 and set(m.weights) == {1.0}
 
 
-@pytest.mark.parametrize("align", [swap_alignment, refinement_alignment])
-def test_alignment_of_a_prompt_with_itself_is_the_identity(tokenizer, align):
+def test_refinement_breaks_ties_as_the_reference_traceback(tokenizer):
+    """'a cat' -> 'a cat and a cat': the reference traceback (from the end, a target gap before a source gap
+    before a match) makes the later tokens the added ones, so the source's words go to the first 'a cat'."""
+    m = refinement_alignment(sd1_tokens(tokenizer, "a cat"), sd1_tokens(tokenizer, "a cat and a cat"))
+    assert _first(m)[:7] == (0, 1, 2, None, None, None, 3)
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_alignment_of_a_prompt_with_itself_is_the_identity(tokenizer, swap):
     tokens = sd1_tokens(tokenizer, "a photo of a house on a mountain")
-    m = align(tokens, tokens)
-    assert m.source_index == tuple(range(77)) and all(m.aligned)
+    m = swap_alignment(tokens, tokens, _piece(tokenizer)) if swap else refinement_alignment(tokens, tokens)
+    assert _first(m) == tuple(range(77)) and all(m.aligned) and set(m.weights) == {1.0}
 
 
-def test_word_swap_keeps_positions_and_refuses_different_token_counts(tokenizer):
-    m = swap_alignment(sd1_tokens(tokenizer, "a cat riding a bicycle"), sd1_tokens(tokenizer, "a dog riding a bicycle"))
-    assert m.source_index == tuple(range(77)) and all(m.aligned)
-    with pytest.raises(AlignmentError, match="refine"):
-        swap_alignment(sd1_tokens(tokenizer, "a cat"), sd1_tokens(tokenizer, "a cat riding a red bicycle"))
+def test_word_swap_keeps_positions_and_refuses_different_word_counts(tokenizer):
+    m = swap_alignment(sd1_tokens(tokenizer, "a cat riding a bicycle"), sd1_tokens(tokenizer, "a dog riding a bicycle"),
+                       _piece(tokenizer))
+    assert _first(m) == tuple(range(77)) and all(m.aligned)
+    with pytest.raises(AlignmentError, match="same number of words.*refine"):
+        swap_alignment(sd1_tokens(tokenizer, "a cat"), sd1_tokens(tokenizer, "a cat riding a red bicycle"),
+                       _piece(tokenizer))
+
+
+def test_word_swap_splits_a_word_over_the_target_tokens_and_keeps_later_words(tokenizer):
+    """'cat' (1 token) -> 'corgidog' (several): each target token takes the source word's map divided by their
+    count; the words after it keep their own source words (the reference mapper shifts them)."""
+    source = sd1_tokens(tokenizer, "a cat riding a bicycle")
+    target = sd1_tokens(tokenizer, "a corgidog riding a bicycle")
+    n = len(tokenizer("corgidog")["input_ids"]) - 2
+    m = swap_alignment(source, target, _piece(tokenizer))
+    assert n > 1 and m.sources[2:2 + n] == ((2,),) * n and m.weights[2:2 + n] == (1.0 / n,) * n
+    assert _first(m)[2 + n:2 + n + 4] == (3, 4, 5, 6)   # riding, a, bicycle, end token
+    assert _first(m)[2 + n + 4:] == tuple(range(2 + n + 4, 77))   # padding key j: source key j
+    back = swap_alignment(target, source, _piece(tokenizer))
+    assert back.sources[2] == tuple(range(2, 2 + n)) and back.weights[2] == 1.0   # several source tokens summed
 
 
 def test_refinement_across_77_token_chunks(tokenizer):
@@ -56,12 +87,12 @@ def test_refinement_across_77_token_chunks(tokenizer):
     m = refinement_alignment(source, target)
     src_ids = [t for c in source.chunks for t in c]
     tgt_ids = [t for c in target.chunks for t in c]
-    mapped_content = sorted(i for j, (i, ok) in enumerate(zip(m.source_index, m.aligned))
-                            if ok and tgt_ids[j] not in target.special_ids)
+    first = _first(m)
+    mapped_content = sorted(i for j, i in enumerate(first) if i is not None and tgt_ids[j] not in target.special_ids)
     assert mapped_content == [k for k, _ in source.content()]   # every source word is kept, in order
-    assert all(src_ids[i] == tgt_ids[j] for j, (i, ok) in enumerate(zip(m.source_index, m.aligned))
-               if ok and tgt_ids[j] not in target.special_ids)
-    assert m.source_index[77] == 0   # second chunk's start token to the source's start token
+    assert all(src_ids[i] == tgt_ids[j] for j, i in enumerate(first)
+               if i is not None and tgt_ids[j] not in target.special_ids)
+    assert first[77] == 0   # second chunk's start token to the source's start token
 
 
 def test_folding_repeated_keys_recovers_the_prompt_attention():
@@ -89,19 +120,19 @@ def _contexts(same=False):
 
 
 def _identity_map(length=77):
-    return TokenMap(tuple(range(length)), (True,) * length, length)
+    return TokenMap.one_to_one(tuple(range(length)), (True,) * length, length)
 
 
 def _refine_map():
     """Target key 5 is an added word; target keys 6.. take source keys 5.."""
     index = tuple(range(5)) + (0,) + tuple(range(5, 76))
-    return TokenMap(index, (True,) * 5 + (False,) + (True,) * 71, 77)
+    return TokenMap.one_to_one(index, (True,) * 5 + (False,) + (True,) * 71, 77)
 
 
 def _p2p(token_map=None, cross=0.8, self_until=0.4, equalizer=None):
     token_map = token_map or _identity_map()
-    return PromptToPrompt(token_map=token_map, cross_until=(cross,) * token_map.target_length,
-                          self_until=self_until, equalizer=equalizer)
+    return PromptToPrompt(targets=(TargetEdit.uniform(token_map, cross, equalizer=equalizer),),
+                          self_window=(0.0, self_until))
 
 
 EDITS = {
@@ -109,13 +140,16 @@ EDITS = {
     "refine": lambda: [_p2p(_identity_map())],
     "reweight": lambda: [_p2p(equalizer=(1.0,) * 77)],
     "local_blend": lambda: [_p2p(), LocalBlend(keys=(PromptKeys(77, (2,)), PromptKeys(77, (2,))))],
-    "masactrl": lambda: [MutualSelfAttention(start_step=0, start_layer=0)],
-    "masactrl_mask": lambda: [MutualSelfAttention(start_step=1, start_layer=0,
+    "masactrl": lambda: [MutualSelfAttention(start_step=0, layers=frozenset(range(16)))],
+    "masactrl_mask": lambda: [MutualSelfAttention(start_step=1, layers=frozenset(range(16)),
                                                   mask_keys=(PromptKeys(77, (2,)), PromptKeys(77, (2,))))],
+    "masactrl_union": lambda: [MutualSelfAttention(start_step=0, layers=frozenset(range(16)), union=True)],
 }
 
 
-@pytest.mark.parametrize("edit", list(EDITS))
+# The masked MasaCtrl splits the target's attention by region where the source attends everywhere, so even an
+# identity edit differs from the source (as in the reference); the other edits reproduce it.
+@pytest.mark.parametrize("edit", [e for e in EDITS if e != "masactrl_mask"])
 def test_identity_edit_reproduces_the_source_and_leaves_it_untouched(unet, edit):
     source, target, uncond = _contexts(same=True)
     out = pair_sample(unet, EDITS[edit](), source, target, uncond)
@@ -161,52 +195,71 @@ def test_reweight_by_one_is_the_identity_and_other_factors_scale_the_word(unet):
 def test_masactrl_starting_after_the_last_step_is_the_identity(unet):
     source, target, uncond = _contexts()
     plain = pair_sample(unet, [], source, target, uncond)
-    late = pair_sample(unet, [MutualSelfAttention(start_step=STEPS, start_layer=0)], source, target, uncond)
+    late = pair_sample(unet, [MutualSelfAttention(start_step=STEPS, layers=frozenset(range(16)))], source, target, uncond)
     assert torch.equal(plain, late)
 
 
 # ---- local blend and MasaCtrl masks on synthetic maps ----------------------------------------------------
 
-def test_local_blend_mask_joins_source_and_target_regions_and_only_grows():
+def test_local_blend_mask_joins_source_and_target_regions_and_follows_the_summed_maps():
     blend = LocalBlend(keys=(PromptKeys(77, (1,)), PromptKeys(77, (1,))), threshold=0.5)
     state = blend.new_run_state()
     maps = torch.zeros(2, 8, 8)
     maps[0, 0, 0] = 1.0      # source word: top-left
     maps[1, 7, 7] = 1.0      # target word: bottom-right
-    state.maps.sums = maps
+    state.words.sums = maps.clone()
     mask = blend.update_mask(state, (16, 16))
     assert mask.shape == (1, 1, 16, 16)
     assert mask[0, 0, :4, :4].all() and mask[0, 0, -4:, -4:].all()   # 3x3 max-pool, then 2x nearest upsampling
     assert mask[0, 0, 8, 8] == 0 and mask.sum() == 2 * 16
-    state.maps.sums = torch.zeros(2, 8, 8)
-    state.maps.sums[1, 4, 4] = 1.0
-    grown = blend.update_mask(state, (16, 16))
-    assert grown[0, 0, :4, :4].all() and grown[0, 0, 6:12, 6:12].all()
-    x = torch.randn(2, 4, 16, 16)
-    out = blend.blend(x, grown)
-    assert torch.equal(out[0], x[0])
-    assert torch.equal(out[1] * (1 - grown[0]), x[0] * (1 - grown[0]))
-    assert torch.equal(out[1] * grown[0], x[1] * grown[0])
+    state.words.sums[1, 4, 4] = 3.0     # a stronger target peak: the corner falls under the threshold
+    shrunk = blend.update_mask(state, (16, 16))
+    assert shrunk[0, 0, 6:12, 6:12].all() and shrunk[0, 0, :4, :4].all() and not shrunk[0, 0, -4:, -4:].any()
+    subtract = LocalBlend(keys=blend.keys, subtract=(PromptKeys(77, (2,)), PromptKeys(77, ())), threshold=0.5)
+    state = subtract.new_run_state()
+    state.words.sums = maps.clone()
+    state.subtract.sums = torch.zeros(2, 8, 8)
+    state.subtract.sums[0, 0, 0] = 1.0   # the source's subtracted word covers the top-left (no pooling)
+    cut = subtract.update_mask(state, (16, 16))
+    assert not cut[0, 0, :2, :2].any() and cut[0, 0, 2:4, 2:4].all() and cut[0, 0, -4:, -4:].all()
+
+
+def test_blend_denoised_lands_a_first_order_step_on_the_blended_latent():
+    g = torch.Generator().manual_seed(4)
+    x, d = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64), torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    x[2, :, :3] = x[0, :, :3]                     # the second target already sits on the source at the top
+    mask = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).double()
+    sigma, nxt = 2.0, 1.5
+    out = blend_denoised(x, d, mask, sigma, nxt)
+    step = lambda xx, dd: xx + (nxt - sigma) / sigma * (xx - dd)   # noqa: E731
+    want = step(x[:1], d[:1]) + mask * (step(x[1:], d[1:]) - step(x[:1], d[:1]))
+    assert torch.equal(out[0], d[0])
+    assert torch.allclose(step(x[1:], out[1:]), want, rtol=0, atol=1e-12)
+    assert torch.equal(out[1:][mask.expand_as(x[1:]) > 0], d[1:][mask.expand_as(x[1:]) > 0])   # inside: own
+    outside_equal = (mask[1, :, :3] == 0).expand(4, 3, 6)
+    assert torch.equal(out[2, :, :3][outside_equal], d[0, :, :3][outside_equal])   # on the source: its D exactly
+    last = blend_denoised(x, d, mask, sigma, 0.0)
+    assert torch.equal(last[1:], torch.where(mask > 0.5, d[1:], d[:1]))
 
 
 def test_local_blend_ignores_a_prompt_without_the_words():
     blend = LocalBlend(keys=(PromptKeys(77, ()), PromptKeys(77, (3,))), threshold=0.5)
     state = blend.new_run_state()
-    state.maps.sums = torch.ones(2, 4, 4)
-    state.maps.sums[1] = 0
-    state.maps.sums[1, 0, 0] = 1
+    state.words.sums = torch.ones(2, 4, 4)
+    state.words.sums[1] = 0
+    state.words.sums[1, 0, 0] = 1
     mask = blend.update_mask(state, (4, 4))
     assert mask.sum() == 4   # the target's pooled corner only; the source map (no words) does not count
 
 
 def test_masked_mutual_attention_keeps_foreground_and_background_apart():
     keys = (PromptKeys(4, (1,)), PromptKeys(4, (1,)))
-    masa = MutualSelfAttention(start_step=0, start_layer=0, mask_keys=keys, mask_threshold=0.5)
+    masa = MutualSelfAttention(start_step=0, layers=frozenset({0}), mask_keys=keys, mask_threshold=0.5)
     run = RunState([masa])
     state = run.of(masa)
     fg = torch.zeros(2, 2, 2)
     fg[:, 0, :] = 1.0          # top row is the subject in both images
-    state.maps.sums = fg
+    state.evaluation, state.sums, state.count = (0, None), fg, 1
     site = AttentionSite(0, "self", "output", 3)
     call = AttentionCall(site, heads=1, step=0, num_steps=1, grid=(2, 2), layout=BatchLayout(("cond",), 2), run=run)
     probs = torch.softmax(torch.randn(2, 1, 4, 4), dim=-1)
@@ -215,3 +268,5 @@ def test_masked_mutual_attention_keeps_foreground_and_background_apart():
     target = out[1, 0]
     assert torch.allclose(target.sum(-1), torch.ones(4))
     assert target[:2, 2:].abs().max() == 0 and target[2:, :2].abs().max() == 0   # fg queries -> fg keys only
+    later = AttentionCall(site, heads=1, step=1, num_steps=2, grid=(2, 2), layout=BatchLayout(("cond",), 2), run=run)
+    assert not masa.needs_probs(later)   # the maps of step 0 do not serve step 1: unmasked until it has its own

@@ -12,16 +12,10 @@ PHOTO = ["p2p_real_photo.json", "masactrl_real_photo.json"]
 def _prompt(name, **controller_inputs):
     """A shipped workflow on the tiny model, shrunk for the CPU (64x64 image, few steps)."""
     wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)
-    prompt = comfy_host.swap_checkpoint_loader(comfy_host.ui_to_api(wf))
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
-            assert inputs["batch_size"] == 1
-            inputs.update(width=64, height=64)
-        elif node["class_type"] == "BasicScheduler":
-            inputs["steps"] = STEPS
-        elif node["class_type"] == "EditKitNullTextInvert":
-            inputs.update(steps=STEPS, inner_steps=2)
+    for node in wf["nodes"]:
+        if node["type"] == "EmptyLatentImage":
+            assert node["widgets_values"][2] == 1   # a one-image latent: the guider makes the pair
+    prompt = comfy_host.tiny_prompt(wf, STEPS)
     prompt[comfy_host.node_of(prompt, "EditKitAttentionController")]["inputs"].update(controller_inputs)
     return prompt
 
@@ -72,10 +66,10 @@ def test_workflow_edits_the_target_and_keeps_the_source(host, name):
 
 
 IDENTITY = {
-    "p2p_word_swap.json": dict(word_release=""),
+    "p2p_word_swap.json": {"edit.word_windows": ""},
     "p2p_refine.json": {},
-    "p2p_reweight.json": dict(reweight="fluffy: 1"),
-    "p2p_local_blend.json": dict(blend_words="bicycle"),
+    "p2p_reweight.json": {"edit.reweight": "fluffy: 1"},
+    "p2p_local_blend.json": {"edit.blend_words": "bicycle"},
 }
 
 

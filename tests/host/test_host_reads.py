@@ -46,8 +46,7 @@ def schedule(tiny):
 @pytest.mark.parametrize("edit,extra", [("word_swap", {"target_prompt": "a dog riding a bicycle"}),
                                         ("refine", {"blend_words": "bicycle"}),
                                         ("reweight", {"reweight": "red: 2"}),
-                                        ("masactrl", {"masactrl_start_step": 0, "masactrl_start_layer": 0,
-                                                      "masactrl_mask_word": "cat"})])
+                                        ("masactrl", {"start_step": 0, "layers": "0-15", "mask_word": "cat"})])
 def test_attention_control_reads_the_step_once_per_evaluation(tiny, schedule, edit, extra):
     model, clip, _ = tiny
     latent, sigmas = schedule

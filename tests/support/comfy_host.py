@@ -349,6 +349,21 @@ def node_of(prompt: dict, class_type: str) -> str:
     return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
 
+def tiny_prompt(workflow: dict, steps: int, size: int = 64) -> dict:
+    """A UI workflow as an API prompt on the tiny checkpoint, shrunk for the CPU: empty latents of size x size
+    pixels, `steps` sampling steps, inversions of `steps` steps with 2 null-text iterations."""
+    prompt = swap_checkpoint_loader(ui_to_api(workflow))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=size, height=size)
+        elif node["class_type"] == "BasicScheduler":
+            inputs["steps"] = steps
+        elif node["class_type"] == "EditKitNullTextInvert":
+            inputs.update(steps=steps, inner_steps=2)
+    return prompt
+
+
 def swap_checkpoint_loader(prompt: dict, seed: int = 0) -> dict:
     """Copy of ``prompt`` with every CheckpointLoaderSimple replaced by TinyCheckpointLoader.
 
@@ -386,44 +401,76 @@ def _node_classes() -> dict:
     return nodes.NODE_CLASS_MAPPINGS
 
 
-def _widget_layout(class_def) -> list[tuple[str | None, str, dict]]:
-    """Ordered widgets_values slots of a node class: (input name or None for extras, type, options).
+_DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 
-    Mirrors the front end: one slot per widget input (INT/FLOAT/STRING/BOOLEAN/
-    COMBO and list combos, not ``forceInput``), in INPUT_TYPES order (required
-    then optional).  Extra, non-input slots follow their widget:
-    ``control_after_generate`` (one for INT -- default on for inputs named
-    seed / noise_seed -- two for combos: control + filter), and the upload
-    widget of ``image_upload``-style combos.
+
+def _entries(spec: dict) -> list[tuple[str, Any]]:
+    """(name, entry) of the inputs of an INPUT_TYPES-style dict, required then optional."""
+    return [(name, entry) for section in ("required", "optional") for name, entry in (spec.get(section) or {}).items()]
+
+
+def _widget_slots(spec: dict, choose, prefix: str = "") -> list[tuple[str | None, str, dict]]:
+    """Ordered widgets_values slots of a node's inputs: (input name or None for extras, type, options).
+
+    Mirrors the front end: one slot per widget input (INT/FLOAT/STRING/BOOLEAN/COMBO and list combos, not
+    ``forceInput``), in INPUT_TYPES order (required then optional).  Extra, non-input slots follow their
+    widget: ``control_after_generate`` (one for INT -- default on for inputs named seed / noise_seed -- two
+    for combos: control + filter), and the upload widget of ``image_upload``-style combos.  A DynamicCombo
+    (V3) is a combo whose selected option's widgets follow it at once, named ``<combo>.<input>``;
+    ``choose(name, slot_index)`` gives the option selected for the combo ``name`` at that slot.
     """
-    spec = class_def.INPUT_TYPES()
     layout: list[tuple[str | None, str, dict]] = []
-    for section in ("required", "optional"):
-        for name, entry in (spec.get(section) or {}).items():
-            if not isinstance(entry, (tuple, list)) or len(entry) == 0:
-                continue
-            typ = entry[0]
-            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            is_combo = isinstance(typ, (list, tuple)) or typ == "COMBO"
-            if not (is_combo or (isinstance(typ, str) and typ in _WIDGET_TYPES)):
-                continue
-            if opts.get("forceInput"):
-                continue
-            tname = "COMBO" if is_combo else typ
-            layout.append((name, tname, opts))
-            cag = opts.get("control_after_generate")
-            if tname == "INT":
-                if cag is None:
-                    cag = name in ("seed", "noise_seed")
-                if cag:
-                    layout.append((None, "control_after_generate", {}))
-            elif tname == "COMBO":
-                if cag:
-                    layout.append((None, "control_after_generate", {}))
-                    layout.append((None, "control_filter_list", {}))
-                if any(opts.get(k) for k in _UPLOAD_KEYS):
-                    layout.append((None, "upload", {}))
+    for name, entry in _entries(spec):
+        if not isinstance(entry, (tuple, list)) or len(entry) == 0:
+            continue
+        typ = entry[0]
+        opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        full = prefix + name
+        if typ == _DYNAMIC_COMBO:
+            layout.append((full, "COMBO", opts))
+            key = choose(full, len(layout) - 1)
+            option = next((o for o in opts.get("options", []) if o.get("key") == key), None)
+            if option is not None:
+                inner = _widget_slots(option.get("inputs") or {}, lambda n, i: choose(n, len(layout) + i),
+                                      full + ".")
+                layout.extend(inner)
+            continue
+        is_combo = isinstance(typ, (list, tuple)) or typ == "COMBO"
+        if not (is_combo or (isinstance(typ, str) and typ in _WIDGET_TYPES)):
+            continue
+        if opts.get("forceInput"):
+            continue
+        tname = "COMBO" if is_combo else typ
+        layout.append((full, tname, opts))
+        cag = opts.get("control_after_generate")
+        if tname == "INT":
+            if cag is None:
+                cag = name in ("seed", "noise_seed")
+            if cag:
+                layout.append((None, "control_after_generate", {}))
+        elif tname == "COMBO":
+            if cag:
+                layout.append((None, "control_after_generate", {}))
+                layout.append((None, "control_filter_list", {}))
+            if any(opts.get(k) for k in _UPLOAD_KEYS):
+                layout.append((None, "upload", {}))
     return layout
+
+
+def _widget_layout(class_def, widgets_values=None) -> list[tuple[str | None, str, dict]]:
+    """The widgets_values slots of a node class; DynamicCombos expand the option their saved value selects
+    (their first option without saved values, as the front end creates them)."""
+    def choose(name, index):
+        if isinstance(widgets_values, dict):
+            value = widgets_values.get(name)
+        else:
+            value = widgets_values[index] if widgets_values and index < len(widgets_values) else None
+        if value is None:
+            entry = dict(_entries(class_def.INPUT_TYPES())).get(name)
+            options = (entry[1].get("options") or [{}]) if entry else [{}]
+            value = options[0].get("key")
+        return value
+    return _widget_slots(class_def.INPUT_TYPES(), choose)
 
 
 def _types_compatible(a, b) -> bool:
@@ -548,11 +595,11 @@ def ui_to_api(workflow: dict) -> dict:
 
         wv = node.get("widgets_values")
         if isinstance(wv, dict):
-            for name, _t, _o in _widget_layout(class_def):
+            for name, _t, _o in _widget_layout(class_def, wv):
                 if name is not None and name in wv:
                     inputs[name] = wv[name]
         elif wv:
-            for i, (name, _t, _o) in enumerate(_widget_layout(class_def)):
+            for i, (name, _t, _o) in enumerate(_widget_layout(class_def, wv)):
                 if i >= len(wv):
                     break
                 if name is not None:

@@ -207,11 +207,18 @@ def init_weights_(module: torch.nn.Module, generator: torch.Generator, gain: flo
 # diffusers
 # ----------------------------------------------------------------------------
 
-def make_diffusers_unet(seed: int = 0):
-    """A tiny diffusers ``UNet2DConditionModel`` (float32, CPU, eval mode)."""
+def make_diffusers_unet(seed: int = 0, heads: int | None = None):
+    """A tiny diffusers ``UNet2DConditionModel`` (float32, CPU, eval mode).
+
+    ``heads`` overrides the 8 attention heads of SD1.5 (and of ComfyUI's tiny model): tests at a 64x64 latent
+    use 2, which is four times faster on a CPU and changes no rule that depends on resolution.
+    """
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    config = dict(TINY_UNET_CONFIG)
+    if heads is not None:
+        config["attention_head_dim"] = heads   # (diffusers' historical name for the number of heads)
+    unet = UNet2DConditionModel(**config)
     init_weights_(unet, _generator(seed, "unet"))
     unet.eval()
     unet.requires_grad_(False)
