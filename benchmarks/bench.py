@@ -235,7 +235,7 @@ def rows_inversion(bench: Bench, pack):
 def rows_attention_control(bench: Bench, pack):
     """Prompt-to-Prompt and MasaCtrl pairs (source + target, CFG: batch 4 per evaluation) against the floor of
     one batch-4 evaluation per step, and plain two-image sampling for the memory comparison."""
-    from editkit.core.prompt2prompt import LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt
+    from editkit.core.prompt2prompt import LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt, TargetEdit
     from editkit.core.tokens import TokenMap
     from editkit.nodes.comfy_attention import attach_controller as attach
     from editkit.nodes.pair_guider import PairCFGGuider
@@ -248,16 +248,21 @@ def rows_attention_control(bench: Bench, pack):
     width = bench.positive[0][0].shape[-1]
     contexts = [torch.randn(1, 77, width, generator=g) for _ in range(2)]
     negative = bench.negative[0][0]
-    identity = TokenMap(tuple(range(77)), (True,) * 77, 77)
-    until = [0.8] * 77
-    until[5] = 0.4
-    swap = PromptToPrompt(token_map=identity, cross_until=tuple(until), self_until=0.4)
+    identity = TokenMap.one_to_one(tuple(range(77)), (True,) * 77, 77)
+    windows = [(0.0, 0.8)] * 77
+    windows[5] = (0.0, 0.4)
+    swap = PromptToPrompt(targets=(TargetEdit(identity, tuple(windows)),), self_window=(0.0, 0.4))
+    capped = PromptToPrompt(targets=(TargetEdit(identity, tuple(windows)),), self_window=(0.0, 0.4),
+                            max_tokens=32 * 32)
     blend = LocalBlend(keys=(PromptKeys(77, (5,)), PromptKeys(77, (5,))))
-    masa = MutualSelfAttention(start_step=4, start_layer=10)
-    masked = MutualSelfAttention(start_step=4, start_layer=10, mask_keys=(PromptKeys(77, (2,)), PromptKeys(77, (2,))))
-    cases = [("pair guider, no edit", [], None), ("P2P word swap (cross 0.8, self 0.4)", [swap], None),
-             ("P2P word swap + local blend", [swap, blend], blend), ("MasaCtrl (step 4, layer 10)", [masa], None),
-             ("MasaCtrl with a word mask", [masked], None)]
+    layers = frozenset(range(10, 16))
+    masa = MutualSelfAttention(start_step=4, layers=layers)
+    masked = MutualSelfAttention(start_step=4, layers=layers, mask_keys=(PromptKeys(77, (2,)), PromptKeys(77, (2,))))
+    cases = [("pair guider, no edit", [], None),
+             ("P2P word swap (cross 0.8 at every layer, self 0.4)", [swap], None),
+             ("P2P word swap, cross capped at 32x32", [capped], None),
+             ("P2P word swap + local blend", [swap, blend], blend), ("MasaCtrl (step 4, layers 10-15)", [masa], None),
+             ("MasaCtrl with a word mask (every layer)", [masked], None)]
     for name, controllers, local_blend in cases:
         model = bench.model
         for c in controllers:
@@ -292,7 +297,7 @@ def rows_feature_injection(bench: Bench, pack):
                           negative_context=empty)
     model = attach_controller(bench.model, PlugAndPlay())
     guider = PairCFGGuider(model, [empty, bench.positive[0][0]], None, 7.5, inversion=inversion,
-                           target_negative=bench.negative[0][0])
+                           target_negative=bench.negative[0][0], pin_source=True)
     noised = inversion.noised[None]
 
     def translate():

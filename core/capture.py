@@ -15,13 +15,19 @@ from .attention import CROSS, AttentionCall, AttentionController, AttentionSite
 
 
 class AttentionMapStore:
-    """Where a capture publishes the maps of its last successful run, for nodes downstream to read."""
+    """Where a capture publishes the maps of its last successful run, for nodes downstream to read.
+
+    A run whose steps all fell outside the capture's window publishes no maps (`maps` None, `runs` counted),
+    so a reader can tell an empty window from a capture that never ran. Hosts may also record the prompt
+    encodings the run sampled (`contexts`, one per latent item) so a reader can check the prompt it is given.
+    """
 
     def __init__(self):
         self.maps: torch.Tensor | None = None   # (items, h, w, key_tokens), float32, CPU
         self.runs = 0
+        self.contexts: torch.Tensor | None = None   # (items or 1, tokens, width) of the last run, CPU
 
-    def publish(self, maps: torch.Tensor) -> None:
+    def publish(self, maps: torch.Tensor | None) -> None:
         self.maps = maps
         self.runs += 1
 
@@ -81,8 +87,8 @@ class AttentionMapCapture(AttentionController):
         return probs
 
     def end_run(self, state: _Accumulator, success: bool) -> None:
-        if success and state is not None and state.sums:
-            self.store.publish(combine_maps(state.sums))
+        if success:
+            self.store.publish(combine_maps(state.sums) if state is not None and state.sums else None)
 
 
 def combine_maps(sums: dict) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """Nodes: capture cross-attention maps during sampling, and turn them into a MASK and a heat-map IMAGE."""
 from __future__ import annotations
 
+import logging
+
+import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
 
@@ -13,6 +16,24 @@ CATEGORY = "EditKit/attention"
 LATENT_TO_IMAGE = 8   # VAE downscale factor of every UNet family the attention control supports
 
 AttentionMaps = io.Custom("EDITKIT_ATTENTION_MAPS")
+PROMPTS_KEY = "editkit_capture_prompts"
+
+
+class _RecordPrompts:
+    """OUTER_SAMPLE wrapper: keeps the positive prompt encodings a captured run samples with, so the mask node
+    can tell whether it reads the maps at the right words."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, executor, *args, **kwargs):
+        positive = (getattr(executor.class_obj, "conds", None) or {}).get("positive") or []
+        contexts = [c.get("cross_attn") for c in positive if torch.is_tensor(c.get("cross_attn"))]
+        self.store.contexts = contexts[0].detach().float().cpu() if len(contexts) == 1 else None
+        return executor(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class CaptureAttentionMaps(io.ComfyNode):
@@ -44,15 +65,15 @@ class CaptureAttentionMaps(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, max_resolution, start_at, end_at):
-        if start_at >= end_at:
-            return f"start_at ({start_at}) must be smaller than end_at ({end_at})"
-        return True
-
-    @classmethod
     def execute(cls, model, max_resolution, start_at, end_at) -> io.NodeOutput:
+        if start_at >= end_at:
+            raise ValueError(f"start_at: {start_at} must be smaller than end_at ({end_at}); the maps are recorded "
+                             f"from start_at to end_at of the steps")
         capture = AttentionMapCapture(max_tokens=max_resolution * max_resolution, start=start_at, end=end_at)
-        return io.NodeOutput(attach_controller(model, capture), capture)
+        patched = attach_controller(model, capture)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PROMPTS_KEY,
+                                     _RecordPrompts(capture.store))
+        return io.NodeOutput(patched, capture)
 
 
 class AttentionMapsToMask(io.ComfyNode):
@@ -88,7 +109,11 @@ class AttentionMapsToMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, attention_maps, samples, clip, prompt, words, threshold, images=None) -> io.NodeOutput:
-        if attention_maps.store.maps is None:
+        store = attention_maps.store
+        if store.maps is None and store.runs > 0:
+            raise ValueError("attention_maps: the sampler ran, but none of its steps fell between the capture's "
+                             "start_at and end_at; widen that window on 'Capture Attention Maps'")
+        if store.maps is None:
             raise ValueError("attention_maps: nothing was captured yet. Connect the MODEL output of 'Capture "
                              "Attention Maps' to the sampler, and that sampler's LATENT output to 'samples'.")
         chosen = split_words(words)
@@ -98,6 +123,7 @@ class AttentionMapsToMask(io.ComfyNode):
             tokens, positions = prompt_word_positions(clip, prompt, chosen)
         except UnknownWordError as e:
             raise ValueError(str(e)) from None
+        _check_sampled_prompt(store, clip, prompt)
         maps = attention_maps.store.maps
         latent = samples["samples"]
         if maps.shape[0] != latent.shape[0]:
@@ -115,6 +141,23 @@ class AttentionMapsToMask(io.ComfyNode):
             mask = (mask > threshold).to(torch.float32)
         grid = heatmap_grid(per_word, size, images)
         return io.NodeOutput(mask, grid)
+
+
+def _check_sampled_prompt(store, clip, prompt: str) -> None:
+    """The words are looked up in `prompt`: it must be the prompt the captured run sampled (of at least one of
+    its images; the others get a warning, as their maps are read at this prompt's word positions)."""
+    if store.contexts is None:
+        return
+    encoded = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float().cpu()[0]
+    sampled = store.contexts
+    same = [c.shape == encoded.shape and torch.allclose(c, encoded, rtol=1e-3, atol=1e-3) for c in sampled]
+    if not any(same):
+        raise ValueError("prompt: it is not the prompt the sampler used, so its words would point at the wrong "
+                         "tokens; type the sampler's positive prompt exactly")
+    if not all(same):
+        logging.warning("EditKit Attention Maps to Mask: image(s) %s of the batch were sampled with another prompt; "
+                        "their maps are read at this prompt's word positions",
+                        ", ".join(str(i) for i, ok in enumerate(same) if not ok))
 
 
 NODES = [CaptureAttentionMaps, AttentionMapsToMask]

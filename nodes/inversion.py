@@ -244,6 +244,7 @@ class InversionGuider(io.ComfyNode):
 
 
 INVERSION_FOLDER = "inversions"
+NONE_SAVED = "(no saved inversion yet)"
 
 
 def _saved_inversions() -> list[str]:
@@ -295,18 +296,24 @@ class LoadInversion(io.ComfyNode):
             category=CATEGORY,
             description="Loads an inversion saved by 'Save Inversion' (from output/inversions or input/inversions) "
                         "and gives back its noised latent, the inversion and its sigmas.",
-            inputs=[io.Combo.Input("inversion_file", options=_saved_inversions(),
-                                   tooltip="A .safetensors file written by 'Save Inversion'.")],
+            inputs=[io.Combo.Input("inversion_file", options=_saved_inversions() or [NONE_SAVED],
+                                   tooltip="A .safetensors file written by 'Save Inversion' (refresh the page "
+                                           "after saving one to see it here).")],
             outputs=[
-                io.Latent.Output(display_name="noised_latent"),
-                InversionType.Output(display_name="inversion"),
-                io.Sigmas.Output(display_name="sigmas"),
+                io.Latent.Output(display_name="noised_latent", tooltip="Start latent for the sampler (with "
+                                                                       "DisableNoise)."),
+                InversionType.Output(display_name="inversion", tooltip="For Inversion Guider and the editing "
+                                                                       "nodes."),
+                io.Sigmas.Output(display_name="sigmas", tooltip="The inversion's schedule: sample with it."),
             ],
         )
 
     @classmethod
     def validate_inputs(cls, inversion_file):
         import folder_paths
+        if not inversion_file or inversion_file == NONE_SAVED:
+            return ("inversion_file: no inversion has been saved yet; run a graph with 'Save Inversion' (it "
+                    "writes to output/inversions), then refresh the page and pick the file")
         if not folder_paths.exists_annotated_filepath(inversion_file):
             return f"inversion_file: '{inversion_file}' does not exist"
         return True
@@ -314,6 +321,8 @@ class LoadInversion(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, inversion_file):
         import folder_paths
+        if not inversion_file or not folder_paths.exists_annotated_filepath(inversion_file):
+            return inversion_file   # validation reports it
         return os.path.getmtime(folder_paths.get_annotated_filepath(inversion_file))
 
     @classmethod

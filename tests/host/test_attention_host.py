@@ -187,3 +187,30 @@ def test_queued_prompts_with_different_controllers_do_not_share_state(host):
     a2 = comfy_host.run_prompt(_workflow_prompt()).outputs[mask_node][0]
     assert not torch.allclose(a1, b)
     assert torch.equal(a1, a2)
+
+
+def test_a_capture_window_without_steps_says_so(host):
+    prompt = _workflow_prompt()
+    prompt[_node_of(prompt, "EditKitCaptureAttentionMaps")]["inputs"].update(start_at=0.9, end_at=0.95)
+    with pytest.raises(comfy_host.HostError, match="none of its steps fell between the capture's start_at and end_at"):
+        comfy_host.run_prompt(prompt)
+
+
+def test_a_window_that_ends_before_it_starts_is_one_error_naming_start_at(host):
+    prompt = _workflow_prompt()
+    prompt[_node_of(prompt, "EditKitCaptureAttentionMaps")]["inputs"].update(start_at=0.8, end_at=0.2)
+    with pytest.raises(comfy_host.HostError) as e:
+        comfy_host.run_prompt(prompt)
+    message = str(e.value).splitlines()[0]   # (a traceback follows)
+    assert message.count("must be smaller than end_at") == 1 and "start_at: 0.8" in message
+    assert "max_resolution" not in message
+
+
+def test_a_mask_prompt_other_than_the_sampled_one_is_refused(host):
+    prompt = _workflow_prompt()
+    text = _node_of(prompt, "PrimitiveStringMultiline")
+    mask_node = _node_of(prompt, "EditKitAttentionMapsToMask")
+    assert prompt[mask_node]["inputs"]["prompt"] == [text, 0]   # the shipped workflow types the prompt once
+    prompt[mask_node]["inputs"]["prompt"] = "a photo of a cat sitting on a wooden chair and a table"
+    with pytest.raises(comfy_host.HostError, match="prompt: it is not the prompt the sampler used"):
+        comfy_host.run_prompt(prompt)

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from support import comfy_host
+from support.comfy_host import encode
+from support.node_calls import invert
 
 STEPS = 10
 
@@ -205,3 +207,27 @@ def test_null_text_inner_step_reads_nothing_back_to_the_host(host):
             first = inner.run().clone()
             inner.run()
     assert 0 < first.item() and not torch.equal(inner.embedding.detach(), uncond)
+
+
+@pytest.mark.parametrize("value", ["", "(no saved inversion yet)"])
+def test_loading_before_anything_was_saved_says_what_to_do(host, value):
+    prompt = _prompt("inversion_reconstruct.json")
+    prompt[comfy_host.node_of(prompt, "EditKitNullTextInvert")] = {
+        "class_type": "EditKitLoadInversion", "inputs": {"inversion_file": value}}
+    with pytest.raises(comfy_host.HostError, match="inversion_file: no inversion has been saved yet; run a graph "
+                                                   "with 'Save Inversion'"):
+        comfy_host.run_prompt(prompt)
+
+
+def test_the_inversion_guider_refuses_random_noise(host, tiny):
+    """DisableNoise belongs with an inversion; random noise would edit another image (measured: a mean pixel
+    difference of 31 in a real ComfyUI before this check)."""
+    import comfy.samplers
+    from editkit.nodes.inversion import InversionGuider
+    model, clip, vae = tiny
+    latent = {"samples": vae.encode(torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1)))}
+    noised, inversion, sigmas = invert(model, clip, latent, "direct", 4, "a photo")
+    guider = InversionGuider.execute(model, inversion, encode(clip, "a photo"), 5.0).result[0]
+    noise = torch.randn(noised.shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="noise: sampling from an inversion needs no added noise.*DisableNoise"):
+        guider.sample(noise, noised, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=0)
