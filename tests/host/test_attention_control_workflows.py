@@ -5,8 +5,8 @@ import torch
 from support import comfy_host
 
 STEPS = 6
-GENERATED = ["p2p_word_swap.json", "p2p_refine.json", "p2p_reweight.json", "p2p_local_blend.json"]
-PHOTO = ["p2p_real_photo.json", "masactrl_real_photo.json"]
+GENERATED = ["Prompt-to-Prompt, word swap.json", "Prompt-to-Prompt, refine by adding words.json", "Prompt-to-Prompt, reweight a word.json", "Prompt-to-Prompt, local blend.json"]
+PHOTO = ["Prompt-to-Prompt, edit a real photo.json", "MasaCtrl, change the pose in a real photo.json"]
 
 
 def _prompt(name, **controller_inputs):
@@ -34,6 +34,12 @@ def test_shipped_workflows_use_the_full_size_settings(host):
         assert prompt[comfy_host.node_of(prompt, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
         controller = prompt[comfy_host.node_of(prompt, "EditKitAttentionController")]["inputs"]
         assert controller["cfg"] == 7.5
+        if controller["edit"] != "masactrl":
+            assert controller["edit.cross_max_resolution"] == 0          # every layer, as the paper's code
+            # the paper's real-image code: self-attention up to 32x32, the blend from step int(0.2 N) on
+            assert controller["edit.self_max_resolution"] == (32 if name in PHOTO else 16)
+            if name in PHOTO:
+                assert controller["edit.blend_start"] == 0.2
         if name in PHOTO:
             invert = comfy_host.node_of(prompt, "EditKitNullTextInvert")
             assert prompt[invert]["inputs"]["steps"] == 50 and prompt[invert]["inputs"]["guidance"] == 7.5
@@ -59,17 +65,17 @@ def test_workflow_edits_the_target_and_keeps_the_source(host, name):
     assert (target - source).abs().max() > 1e-3, "the edit changed nothing"
     images = result.ui[comfy_host.node_of(prompt, "SaveImage")]["images"]
     assert len(images) == 2
-    if name == "masactrl_real_photo.json":
+    if name == "MasaCtrl, change the pose in a real photo.json":
         # direct inversion: the source branch reconstructs the photo's latent exactly
         photo = result.outputs[comfy_host.node_of(prompt, "VAEEncode")][0]["samples"]
         assert (source - photo[0]).abs().max() < 1e-4
 
 
 IDENTITY = {
-    "p2p_word_swap.json": {"edit.word_windows": ""},
-    "p2p_refine.json": {},
-    "p2p_reweight.json": {"edit.reweight": "fluffy: 1"},
-    "p2p_local_blend.json": {"edit.blend_words": "bicycle"},
+    "Prompt-to-Prompt, word swap.json": {"edit.word_windows": ""},
+    "Prompt-to-Prompt, refine by adding words.json": {},
+    "Prompt-to-Prompt, reweight a word.json": {"edit.reweight": "fluffy: 1"},
+    "Prompt-to-Prompt, local blend.json": {"edit.blend_words": "bicycle"},
 }
 
 

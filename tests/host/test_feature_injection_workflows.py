@@ -7,8 +7,8 @@ import torch
 from support import comfy_host
 
 STEPS = 6
-PLAIN = "pnp_photo_translation.json"
-CONTROLNET = "pnp_photo_translation_controlnet.json"
+PLAIN = "Plug-and-Play, translate a photo.json"
+CONTROLNET = "Plug-and-Play, translate a photo with depth ControlNet.json"
 WORKFLOWS = [PLAIN, CONTROLNET]
 CONTROLNET_FILE = "control_v11f1p_sd15_depth_fp16.safetensors"   # the name the shipped workflow loads
 DEPTH_MAP = "example_depth.png"

@@ -28,7 +28,7 @@ def _latents(prompt, result):
 
 
 def test_direct_inversion_reconstructs_the_input_latent(host):
-    prompt = _prompt("inversion_reconstruct.json", mode="direct")
+    prompt = _prompt("Inversion, reconstruct a photo.json", mode="direct")
     source, output = _latents(prompt, comfy_host.run_prompt(prompt))
     assert output.shape == source.shape
     assert (output - source).abs().max() < 1e-4
@@ -36,7 +36,7 @@ def test_direct_inversion_reconstructs_the_input_latent(host):
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddim"])
 def test_direct_reconstruction_holds_for_other_deterministic_samplers(host, sampler):
-    prompt = _prompt("inversion_reconstruct.json", mode="direct")
+    prompt = _prompt("Inversion, reconstruct a photo.json", mode="direct")
     prompt[comfy_host.node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] = sampler
     source, output = _latents(prompt, comfy_host.run_prompt(prompt))
     assert (output - source).abs().max() < 1e-4
@@ -45,7 +45,7 @@ def test_direct_reconstruction_holds_for_other_deterministic_samplers(host, samp
 def test_null_text_reconstructs_better_than_ddim_at_guidance_7_5(host):
     errors = {}
     for mode in ("ddim", "null_text"):
-        prompt = _prompt("inversion_reconstruct.json", mode=mode)
+        prompt = _prompt("Inversion, reconstruct a photo.json", mode=mode)
         source, output = _latents(prompt, comfy_host.run_prompt(prompt))
         errors[mode] = (output - source).pow(2).mean().item()
     print(f"latent reconstruction MSE, {STEPS} steps, guidance 7.5: {errors}")
@@ -53,7 +53,7 @@ def test_null_text_reconstructs_better_than_ddim_at_guidance_7_5(host):
 
 
 def test_negative_prompt_inversion_runs_without_optimisation(host):
-    prompt = _prompt("inversion_reconstruct.json", mode="negative_prompt", inner_steps=0)
+    prompt = _prompt("Inversion, reconstruct a photo.json", mode="negative_prompt", inner_steps=0)
     result = comfy_host.run_prompt(prompt)
     inversion = result.outputs[comfy_host.node_of(prompt, "EditKitNullTextInvert")][1]
     assert inversion.uncond_embeddings is None and inversion.mode == "negative_prompt"
@@ -62,7 +62,7 @@ def test_negative_prompt_inversion_runs_without_optimisation(host):
 
 
 def test_edit_workflow_changes_the_photo(host):
-    prompt = _prompt("inversion_edit_prompt.json", inner_steps=2)
+    prompt = _prompt("Inversion, edit a photo with a new prompt.json", inner_steps=2)
     result = comfy_host.run_prompt(prompt)
     source, output = _latents(prompt, result)
     assert (output - source).abs().mean() > 1e-3
@@ -71,7 +71,7 @@ def test_edit_workflow_changes_the_photo(host):
 
 
 def test_inversion_uses_comfyui_schedule(host):
-    prompt = _prompt("inversion_reconstruct.json", mode="direct", scheduler="karras")
+    prompt = _prompt("Inversion, reconstruct a photo.json", mode="direct", scheduler="karras")
     result = comfy_host.run_prompt(prompt)
     sigmas = result.outputs[comfy_host.node_of(prompt, "EditKitNullTextInvert")][2]
     import comfy.samplers
@@ -82,7 +82,7 @@ def test_inversion_uses_comfyui_schedule(host):
 
 
 def test_ancestral_sampler_is_a_clear_error(host):
-    prompt = _prompt("inversion_reconstruct.json", mode="direct")
+    prompt = _prompt("Inversion, reconstruct a photo.json", mode="direct")
     prompt[comfy_host.node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] = "euler_ancestral"
     with pytest.raises(comfy_host.HostError) as e:
         comfy_host.run_prompt(prompt)
@@ -90,7 +90,7 @@ def test_ancestral_sampler_is_a_clear_error(host):
 
 
 def test_zero_steps_is_rejected_naming_the_input(host):
-    prompt = _prompt("inversion_reconstruct.json", steps=0)
+    prompt = _prompt("Inversion, reconstruct a photo.json", steps=0)
     with pytest.raises(comfy_host.HostError) as e:
         comfy_host.run_prompt(prompt)
     assert "steps" in str(e.value)
@@ -114,7 +114,7 @@ def test_bad_latents_are_clear_errors(host):
 
 
 def test_saved_inversion_reloads_and_reconstructs_the_same(host):
-    prompt = _prompt("inversion_reconstruct.json", mode="null_text", inner_steps=2)
+    prompt = _prompt("Inversion, reconstruct a photo.json", mode="null_text", inner_steps=2)
     inv_node = comfy_host.node_of(prompt, "EditKitNullTextInvert")
     prompt["900"] = {"class_type": "EditKitSaveInversion",
                      "inputs": {"inversion": [inv_node, 1], "filename_prefix": "roundtrip"}}
@@ -122,7 +122,7 @@ def test_saved_inversion_reloads_and_reconstructs_the_same(host):
     saved = first.ui["900"]["text"][0]
     assert saved.startswith("inversions/roundtrip_") and saved.endswith(" [output]")
 
-    reload = _prompt("inversion_reconstruct.json")
+    reload = _prompt("Inversion, reconstruct a photo.json")
     reload[inv_node] = {"class_type": "EditKitLoadInversion", "inputs": {"inversion_file": saved}}
     second = comfy_host.run_prompt(reload)
     sampler = comfy_host.node_of(prompt, "SamplerCustomAdvanced")
@@ -135,7 +135,7 @@ def test_loading_a_file_that_is_not_an_inversion_is_a_clear_error(host):
     folder = comfy_host.host_dirs()["input"] / "inversions"
     folder.mkdir(exist_ok=True)
     save_file({"lora_up": torch.zeros(2)}, str(folder / "some_lora.safetensors"))
-    prompt = _prompt("inversion_reconstruct.json")
+    prompt = _prompt("Inversion, reconstruct a photo.json")
     prompt[comfy_host.node_of(prompt, "EditKitNullTextInvert")] = {
         "class_type": "EditKitLoadInversion", "inputs": {"inversion_file": "inversions/some_lora.safetensors [input]"}}
     with pytest.raises(comfy_host.HostError) as e:
@@ -211,7 +211,7 @@ def test_null_text_inner_step_reads_nothing_back_to_the_host(host):
 
 @pytest.mark.parametrize("value", ["", "(no saved inversion yet)"])
 def test_loading_before_anything_was_saved_says_what_to_do(host, value):
-    prompt = _prompt("inversion_reconstruct.json")
+    prompt = _prompt("Inversion, reconstruct a photo.json")
     prompt[comfy_host.node_of(prompt, "EditKitNullTextInvert")] = {
         "class_type": "EditKitLoadInversion", "inputs": {"inversion_file": value}}
     with pytest.raises(comfy_host.HostError, match="inversion_file: no inversion has been saved yet; run a graph "
