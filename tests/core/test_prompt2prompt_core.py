@@ -270,3 +270,19 @@ def test_masked_mutual_attention_keeps_foreground_and_background_apart():
     assert target[:2, 2:].abs().max() == 0 and target[2:, :2].abs().max() == 0   # fg queries -> fg keys only
     later = AttentionCall(site, heads=1, step=1, num_steps=2, grid=(2, 2), layout=BatchLayout(("cond",), 2), run=run)
     assert not masa.needs_probs(later)   # the maps of step 0 do not serve step 1: unmasked until it has its own
+
+
+def test_masactrl_word_mask_is_min_max_normalised_nearest_resized_and_includes_the_threshold():
+    """MaskAuto: (map - min) / (max - min), nearest resize, >= threshold (a value at the threshold is foreground)."""
+    keys = (PromptKeys(4, (1,)), PromptKeys(4, (1,)))
+    masa = MutualSelfAttention(start_step=0, layers=frozenset({0}), mask_keys=keys, mask_threshold=0.25)
+    run = RunState([masa])
+    state = run.of(masa)
+    maps = torch.tensor([[[2.0, 2.5], [3.0, 4.0]]], dtype=torch.float64).repeat(2, 1, 1)   # min 2, max 4
+    state.evaluation, state.sums, state.count = (0, None), maps, 1
+    call = AttentionCall(AttentionSite(0, "self", "output", 3), heads=1, step=0, num_steps=1, grid=(4, 4),
+                         layout=BatchLayout(("cond",), 2), run=run)
+    fg = masa._foreground(call, torch.device("cpu")).reshape(2, 4, 4)
+    # normalised: [[0, 0.25], [0.5, 1]] -> >= 0.25 everywhere but the top-left, each value over a 2x2 block
+    expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(fg[0], expected) and torch.equal(fg[1], expected)

@@ -217,3 +217,23 @@ def test_an_inversion_of_another_prompt_is_refused(tiny):
 def test_a_latent_batch_is_refused(tiny):
     with pytest.raises(ValueError, match="latent: the edit samples one image"):
         _sample(_guider(tiny), tiny[0], latent=torch.zeros(2, 4, *SIZE))
+
+
+def test_the_defaults_are_the_papers(host):
+    """Every edit's defaults reproduce the official code: cross-attention at every layer for 0.8 of the steps,
+    self-attention at the 16x16 layers for 0.4, the blend's 0.3 thresholds; MasaCtrl from step 4 at layers
+    10-15 with a 0.1 mask threshold."""
+    from support.node_calls import edit_settings
+    for edit in ("word_swap", "refine", "reweight"):
+        settings = edit_settings(edit)
+        assert {k: settings[k] for k in ("cross_replace", "cross_replace_start", "self_replace", "self_replace_start",
+                                         "cross_max_resolution", "self_max_resolution", "blend_threshold",
+                                         "blend_subtract_threshold", "blend_start")} == dict(
+            cross_replace=0.8, cross_replace_start=0.0, self_replace=0.4, self_replace_start=0.0,
+            cross_max_resolution=0, self_max_resolution=16, blend_threshold=0.3, blend_subtract_threshold=0.3,
+            blend_start=0.0)
+    from editkit.nodes.attention_control import AttentionControllerNode
+    combo = next(i for i in AttentionControllerNode.define_schema().inputs if i.id == "edit")
+    masactrl = {i.id: getattr(i, "default", None) for o in combo.options if o.key == "masactrl" for i in o.inputs}
+    assert (masactrl["start_step"], masactrl["end_step"], masactrl["layers"], masactrl["keys_values"],
+            masactrl["mask_threshold"]) == (4, 10000, "10-15", "source", 0.1)
