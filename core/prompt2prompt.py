@@ -120,6 +120,10 @@ class PromptToPrompt(AttentionController):
     self_max_tokens: int = 16 * 16
     _tensors: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self):
+        # the distinct cross windows, asked at every call
+        object.__setattr__(self, "_windows", frozenset(w for t in self.targets for w in t.cross_windows))
+
     def _target_tensors(self, device) -> list[tuple[torch.Tensor, ...]]:
         """Per target: (gather index, gather weight, aligned, equaliser or None) on `device`."""
         key = str(device)
@@ -159,7 +163,7 @@ class PromptToPrompt(AttentionController):
         if self.max_tokens is not None and tokens > self.max_tokens:
             return False
         rows = call.num_steps + 1
-        return any(call.within(start, end, rows) for t in self.targets for start, end in set(t.cross_windows))
+        return any(call.within(start, end, rows) for start, end in self._windows)
 
     def needs_probs(self, call: AttentionCall) -> bool:
         return True

@@ -198,3 +198,13 @@ def test_a_lora_patched_model_keeps_its_patch_and_the_invariants(tiny, photo, di
     assert (with_lora[0] - photo["samples"][0]).abs().max() < 1e-4
     assert (with_lora[1] - without[1]).abs().max() > 1e-3   # the LoRA is applied
     assert not model.patches   # the input model never got the patch
+
+
+def test_random_noise_is_refused(tiny, direct):
+    """The translation starts from the inversion's noised latent: added noise would translate another image."""
+    import comfy.samplers
+    noised, inversion, sigmas = direct
+    noise = torch.randn(noised.shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="noise: sampling from an inversion needs no added noise.*DisableNoise"):
+        _inject(tiny, inversion)[0].sample(noise, noised, comfy.samplers.sampler_object("ddim"), sigmas,
+                                           disable_pbar=True, seed=0)

@@ -131,10 +131,13 @@ def test_attention_controller_on_a_direct_inversion(tiny, reference_unet, tokeni
     assert_close(ours.double(), expected)
 
 
-def test_feature_injector_on_an_inversion(tiny, reference_unet, photo):
-    """pnp-diffusers' scheme: the source row is the stored inversion latent with the photo's (empty) prompt."""
+@pytest.mark.parametrize("photo_prompt", ["", "a photo of a cat"])
+def test_feature_injector_on_an_inversion(tiny, reference_unet, photo, photo_prompt):
+    """pnp-diffusers' scheme: the source row is the stored inversion latent, evaluated with the photo's prompt
+    (the paper's is empty; its code evaluates the source with the empty prompt, the one it inverts with) in
+    both of our CFG branches, so that both target rows take the same features."""
     model, clip, _ = tiny
-    noised, inversion, sigmas = invert(model, clip, photo, "ddim", STEPS, "")
+    noised, inversion, sigmas = invert(model, clip, photo, "ddim", STEPS, photo_prompt)
     guider, _ = feature_injector(model, clip, inversion, "a marble statue", "ugly, blurry", cfg=CFG)
     ours = _sample(guider, noised, sigmas, torch.zeros_like(noised))
     timesteps, alphas = _schedule(model, sigmas)

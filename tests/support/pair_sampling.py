@@ -20,12 +20,13 @@ def ddim_schedule(steps: int, dtype=torch.float64) -> tuple[list[int], list[floa
 
 @torch.no_grad()
 def pair_run(unet, controllers, conds, unconds, x, timesteps, sigmas, cfg, pair: PairSchedule | None = None,
-             local_blend=None, pair_batch: bool = True):
+             local_blend=None, pair_batch: bool = True, trace: list | None = None):
     """Sample items [source, targets...] from the sigma-space latent x (1, C, H, W).
 
     conds / unconds: one (1, T, D) context per item (the source's first). `pair_batch=False`: tell the
     controllers it is a plain batch of images. Returns the final latents (items, C, H, W) (sigma space equals
-    alpha space there, as the last sigma is 0).
+    alpha space there, as the last sigma is 0); `trace` receives the latents after every step, in the alpha
+    parameterisation (x * sqrt(alpha-bar)) as the papers' loops hold them.
     """
     from editkit.core.diffusers_adapter import DiffusersAttentionAdapter
     items = len(conds)
@@ -50,6 +51,8 @@ def pair_run(unet, controllers, conds, unconds, x, timesteps, sigmas, cfg, pair:
                 denoised = pair.denoised(x, denoised, sigma, i, local_blend, mask)
                 x = schedule.euler_sigma_step(x, (x - denoised) / sigma, sigma, sigmas[i + 1]) if sigmas[i + 1] > 0 \
                     else denoised
+                if trace is not None:
+                    trace.append(x / (sigmas[i + 1] ** 2 + 1.0) ** 0.5)
     finally:
         adapter.uninstall()
     return x
