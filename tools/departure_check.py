@@ -55,6 +55,15 @@ DEPARTURES = {
         "core/tokens.py", "content_map.update({t: (tuple(s_keys), 1.0 / len(t_keys)) for t in t_keys})",
         "content_map.update({t: (tuple(s_keys), 1.0) for t in t_keys})",
         [f"{CORE}::test_word_swap_with_a_word_window", f"{HOST}::test_word_swap_node"]),
+    "swap_shifts_later_words": (   # the reference mapper's bug: after a swap of another token count, target
+        # key j takes source key j
+        "core/tokens.py",
+        "    for (_, s_keys), (_, t_keys) in zip(src, tgt):\n        if len(s_keys) == len(t_keys):\n"
+        "            content_map.update({t: ((s,), 1.0) for s, t in zip(s_keys, t_keys)})\n",
+        "    shifted = False\n    for (_, s_keys), (_, t_keys) in zip(src, tgt):\n        if len(s_keys) == len(t_keys):\n"
+        "            content_map.update({t: ((t if shifted else s,), 1.0) for s, t in zip(s_keys, t_keys)})\n"
+        "            continue\n        shifted = True\n        if False:\n            pass\n",
+        [f"{CORE}::test_word_swap_with_a_word_window", f"{HOST}::test_word_swap_node"]),
     "masactrl_maps_of_all_steps": (
         "core/prompt2prompt.py", "        if state.evaluation != (call.step, call.sigma):   # the reference clears",
         "        if state.evaluation is None:   # the reference clears",

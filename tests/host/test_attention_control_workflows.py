@@ -86,3 +86,21 @@ def test_identity_edit_reproduces_the_source(host, name):
     prompt = _prompt(name, target_prompt=source_prompt, **IDENTITY[name])
     source, target = _pair(prompt, comfy_host.run_prompt(prompt))
     assert (target - source).abs().max() < 1e-5
+
+
+def test_more_targets_are_edited_in_the_same_run(host):
+    """Targets connected to more_targets (an Autogrow of text sockets) each get their own token map; the output
+    holds the source and every target."""
+    name = "Prompt-to-Prompt, refine by adding words.json"
+    prompt = _prompt(name)
+    controller = comfy_host.node_of(prompt, "EditKitAttentionController")
+    source_prompt = prompt[controller]["inputs"]["source_prompt"]
+    prompt["900"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": source_prompt}}
+    prompt["901"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": source_prompt + " at night"}}
+    prompt[controller]["inputs"].update({"more_targets.target_0": ["900", 0], "more_targets.target_1": ["901", 0]})
+    result = comfy_host.run_prompt(prompt)
+    samples = result.outputs[comfy_host.node_of(prompt, "SamplerCustomAdvanced")][0]["samples"]
+    assert samples.shape[0] == 4 and torch.isfinite(samples).all()
+    assert (samples[2] - samples[0]).abs().max() < 1e-5            # the source prompt as a target: the source
+    assert (samples[3] - samples[0]).abs().max() > 1e-3
+    assert (samples[1] - samples[3]).abs().max() > 1e-3            # each target its own edit
