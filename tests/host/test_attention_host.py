@@ -134,9 +134,8 @@ def _node_of(prompt, class_type):
 def _workflow_prompt(seed=0):
     """The shipped workflow on the tiny model; 64 px and 4 steps instead of 512 px and 25 keep the CPU run short."""
     wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / "Attention maps, where words land.json")
-    prompt = comfy_host.swap_checkpoint_loader(comfy_host.ui_to_api(wf), seed=seed)
-    prompt[_node_of(prompt, "EmptyLatentImage")]["inputs"].update(width=64, height=64)
-    prompt[_node_of(prompt, "KSampler")]["inputs"]["steps"] = 4
+    prompt = comfy_host.tiny_prompt(wf, steps=4)
+    prompt[_node_of(prompt, "TinyCheckpointLoader")]["inputs"]["seed"] = seed
     return prompt
 
 

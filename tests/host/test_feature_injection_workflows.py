@@ -59,9 +59,7 @@ def _workflow(name, controlnet_enabled=False):
 
 def _prompt(name, controlnet_enabled=False, target=None, negative=None, **injector_inputs):
     """A shipped workflow on the tiny model, shrunk for the CPU (the 64x64 photo, few steps)."""
-    prompt = comfy_host.swap_checkpoint_loader(comfy_host.ui_to_api(_workflow(name, controlnet_enabled)))
-    invert = comfy_host.node_of(prompt, "EditKitNullTextInvert")
-    prompt[invert]["inputs"].update(steps=STEPS, inner_steps=2)
+    prompt = comfy_host.tiny_prompt(_workflow(name, controlnet_enabled), STEPS)
     injector = prompt[comfy_host.node_of(prompt, "EditKitFeatureInjector")]["inputs"]
     injector.update(injector_inputs)
     for text, port in ((target, "positive"), (negative, "negative")):

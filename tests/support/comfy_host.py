@@ -357,7 +357,7 @@ def tiny_prompt(workflow: dict, steps: int, size: int = 64) -> dict:
         inputs = node["inputs"]
         if node["class_type"] == "EmptyLatentImage":
             inputs.update(width=size, height=size)
-        elif node["class_type"] == "BasicScheduler":
+        elif node["class_type"] in ("BasicScheduler", "KSampler"):
             inputs["steps"] = steps
         elif node["class_type"] == "EditKitNullTextInvert":
             inputs.update(steps=steps, inner_steps=2)
