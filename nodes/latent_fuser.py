@@ -13,6 +13,7 @@ windows:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import comfy.patcher_extension
@@ -28,6 +29,23 @@ WRAPPER_KEY = "editkit_latent_fuser"
 RUN_KEY = "editkit_latent_fuser_run"
 BOOTSTRAP_COLOURS = 20   # the official code draws as many random colours as it bootstraps steps (20 of 50)
 RegionType = io.Custom("EDITKIT_REGION")
+LPIPS_FOLDER = "lpips"
+NO_LPIPS = "(no LPIPS weights in models/lpips)"
+MODES = ("multidiffusion", "syncdiffusion")
+
+
+def _register_lpips_folder() -> None:
+    """models/lpips: where SyncDiffusion's perceptual network lives (tools/make_lpips_weights.py writes it)."""
+    import folder_paths
+    if LPIPS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[LPIPS_FOLDER] = ([os.path.join(folder_paths.models_dir, LPIPS_FOLDER)],
+                                                             {".safetensors"})
+
+
+def _lpips_files() -> list[str]:
+    import folder_paths
+    _register_lpips_folder()
+    return folder_paths.get_filename_list(LPIPS_FOLDER) or [NO_LPIPS]
 
 
 @dataclass(frozen=True)
@@ -300,6 +318,25 @@ class LatentFuserNode(io.ComfyNode):
                 io.Boolean.Input("circular", default=False,
                                  tooltip="360-degree panorama: windows wrap around horizontally, so the left and "
                                          "right edges meet without a seam."),
+                io.DynamicCombo.Input("mode", tooltip="multidiffusion: windows fused by averaging (Bar-Tal et al. "
+                                                      "2023); syncdiffusion: in the first steps every window is also "
+                                                      "pulled towards the middle window's look (Lee et al. 2023).",
+                                      options=[
+                    io.DynamicCombo.Option("multidiffusion", []),
+                    io.DynamicCombo.Option("syncdiffusion", [
+                        io.Combo.Input("lpips", options=_lpips_files(),
+                                       tooltip="LPIPS (VGG) weights in models/lpips; make them once with "
+                                               "tools/make_lpips_weights.py (see the README)."),
+                        io.Float.Input("sync_until", default=0.2, min=0.0, max=1.0, step=0.01,
+                                       tooltip="Fraction of the steps with synchronisation (paper: 10 of 50)."),
+                        io.Float.Input("sync_weight", default=20.0, min=0.0, max=1000.0, step=0.5,
+                                       tooltip="Gradient step weight of the first step (paper: 20)."),
+                        io.Float.Input("sync_decay", default=0.95, min=0.0, max=1.0, step=0.01,
+                                       tooltip="Weight decay per step (paper: 0.95)."),
+                        io.Int.Input("sync_every", default=1, min=1, max=100,
+                                     tooltip="Synchronise every this many steps (paper: 1)."),
+                    ]),
+                ]),
                 io.Autogrow.Input("regions", optional=True,
                                   template=io.Autogrow.TemplatePrefix(RegionType.Input("region"), prefix="region_",
                                                                       min=0, max=16),
@@ -309,7 +346,8 @@ class LatentFuserNode(io.ComfyNode):
                 io.Float.Input("bootstrap", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="Regions: fraction of the steps during which each region sees a random "
                                        "plain colour outside its mask (paper: 20 of 50 steps)."),
-                io.Vae.Input("vae", optional=True, tooltip="Regions with bootstrapping: encodes the plain colours."),
+                io.Vae.Input("vae", optional=True, tooltip="Regions with bootstrapping: encodes the plain colours; "
+                                                           "SyncDiffusion: decodes the windows' predicted images."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
                              tooltip="Regions: the seed of the bootstrapping colours."),
             ],
@@ -317,7 +355,7 @@ class LatentFuserNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, window, stride, window_batch, circular, bootstrap, seed, regions=None,
+    def execute(cls, model, window, stride, window_batch, circular, mode, bootstrap, seed, regions=None,
                 vae=None) -> io.NodeOutput:
         ratio = model.model.latent_format.spacial_downscale_ratio
         for name, value in (("window", window), ("stride", stride)):

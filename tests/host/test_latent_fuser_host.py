@@ -11,10 +11,10 @@ WINDOW = 128   # px: 16x16 latents, the tiny model's size
 
 
 def _fuser(model, window=WINDOW, stride=64, window_batch=4, circular=False, regions=None, bootstrap=0.0, vae=None,
-           seed=0):
+           seed=0, mode=None):
     from editkit.nodes.latent_fuser import LatentFuserNode
-    return LatentFuserNode.execute(model, window, stride, window_batch, circular, bootstrap, seed, regions=regions,
-                                   vae=vae).result[0]
+    return LatentFuserNode.execute(model, window, stride, window_batch, circular, mode or {"mode": "multidiffusion"},
+                                   bootstrap, seed, regions=regions, vae=vae).result[0]
 
 
 def _region(clip, text, mask):
