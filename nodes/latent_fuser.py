@@ -90,6 +90,7 @@ class LatentFuser:
         seed = args[3] if len(args) > 3 else kwargs.get("seed")
         latent_hw = tuple(noise.shape[-2:])
         self._check_conds(guider.conds)
+        self._check_masks(latent_hw)
         masks = torch.stack([r.mask for r in self.regions]) if self.regions else None
         options[RUN_KEY] = _Run(schedule=[float(s) for s in sigmas.flatten().tolist()], noise=noise,
                                 seed=int(seed or 0), windows=self.layout(latent_hw),
@@ -104,6 +105,16 @@ class LatentFuser:
             return window_layout(latent_hw, (self.window, self.window), (self.stride, self.stride), self.circular)
         except ValueError as e:
             raise ValueError(f"{e} (the image is {latent_hw[1] * 8}x{latent_hw[0] * 8} px)") from None
+
+    def _check_masks(self, latent_hw: tuple[int, int]) -> None:
+        """A region's mask is stretched onto the image: one of another shape is a mistake, not a stretch."""
+        aspect = latent_hw[1] / latent_hw[0]
+        for k, region in enumerate(self.regions):
+            h, w = region.mask.shape
+            if abs(w / h - aspect) > 0.02 * aspect:
+                raise ValueError(f"regions: region {k + 1}'s mask is {w}x{h} but the image is "
+                                 f"{latent_hw[1] * 8}x{latent_hw[0] * 8} px; give a mask of the image's size (or "
+                                 f"at least its aspect ratio)")
 
     def _check_conds(self, conds: dict) -> None:
         for name, entries in conds.items():

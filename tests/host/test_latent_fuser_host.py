@@ -136,6 +136,9 @@ def test_bad_inputs_are_refused(tiny):
         _region(clip, "a car", torch.zeros(128, 128))
     with pytest.raises(ValueError, match="model: it already samples in windows"):
         _fuser(_fuser(model))
+    square = {"region_0": _region(clip, "a car", torch.ones(128, 128))}
+    with pytest.raises(ValueError, match="regions: region 1's mask is 128x128 but the image is 256x128 px"):
+        _sample(_fuser(model, regions=square), clip, torch.zeros(1, 4, 16, 32))
 
 
 def test_each_window_gets_its_crop_of_the_controlnet_hint(tiny, tmp_path):
