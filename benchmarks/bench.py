@@ -313,7 +313,110 @@ def rows_feature_injection(bench: Bench, pack):
         n * (t_eval1 + t_eval4), long_n + n
 
 
-ROWS = [rows_foundation, rows_inversion, rows_attention_control, rows_feature_injection]
+SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def build_vae(device, dtype, tiny: bool):
+    """The SD VAE layout with seeded random weights (the tiny test VAE with --tiny)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from support.tiny_models import _generator, init_weights_, make_comfy_vae
+    if tiny:
+        return make_comfy_vae(seed=0)
+    ae = AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
+    init_weights_(ae, _generator(0, "vae"))
+    return comfy.sd.VAE(sd=ae.state_dict(), device=device, dtype=dtype,
+                        config={"params": {"ddconfig": dict(SD_VAE_DDCONFIG), "embed_dim": 4}})
+
+
+def rows_latent_fuser(bench: Bench, pack):
+    """MultiDiffusion panorama of 9x the square size (512x4608 at full size), windows of the square size every
+    1/8 of it (the paper's 64 and 8 latents), ddim, against its floor (window batches x steps UNet evaluations
+    at the batch they run at) and against the official loop (one window per UNet call); then SyncDiffusion's
+    extra cost per synchronised step on a 6x panorama with stride 1/4 (its paper's 512x3072, stride 16)."""
+    import math
+    import comfy.sample
+    import folder_paths
+    from safetensors.torch import save_file
+    from editkit.core.lpips import random_lpips
+    from editkit.nodes.latent_fuser import LPIPS_FOLDER, LatentFuserNode, _register_lpips_folder
+    side = bench.latent_hw[0]
+    window_px, n = side * 8, bench.steps
+
+    def panorama(model, width_factor, steps):
+        latent = torch.zeros(1, 4, side, side * width_factor)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        return lambda: comfy.sample.sample(model, noise, steps, 7.5, "ddim", "ddim_uniform", bench.positive,
+                                           bench.negative, latent, seed=0, disable_pbar=True)
+
+    def fuser(window_batch, stride_px, mode=None, vae=None):
+        return LatentFuserNode.execute(bench.model, window_px, stride_px, window_batch, False,
+                                       mode or {"mode": "multidiffusion"}, 0.0, 0, vae=vae).result[0]
+
+    def measure(model, width_factor):
+        panorama(model, width_factor, 2)()                        # warm-up: loads, allocator, kernels
+        _, t, peak = timed(bench.device, panorama(model, width_factor, n))
+        return t, peak
+
+    windows = (9 * side - side) // (side // 8) + 1
+    t_eval2 = bench.unet_eval(2)
+    yield f"one UNet evaluation, batch 2 (a window)", t_eval2, None, t_eval2, 1
+    official_floor = windows * n * t_eval2
+    for window_batch in (4, 8, 16):
+        calls = math.ceil(windows / window_batch)
+        floor = calls * n * bench.unet_eval(2 * window_batch)
+        t, peak = measure(fuser(window_batch, window_px // 8), 9)
+        yield f"panorama 1x9, {windows} windows, batch {window_batch}", t, peak, floor, calls * n
+
+    def official_loop():
+        """The official panorama loop's cost: a CFG UNet call per window, its step, value / count."""
+        import comfy.model_management
+        import comfy.samplers
+        comfy.model_management.load_models_gpu([bench.model])
+        inner, dtype = bench.model.model, bench.model.model_dtype()
+        sigmas = comfy.samplers.calculate_sigmas(bench.model.get_model_object("model_sampling"), "ddim_uniform", n)
+        context = torch.cat([bench.negative[0][0], bench.positive[0][0]]).to(bench.device, dtype)
+        x = torch.randn(1, 4, side, 9 * side, device=bench.device) * float(sigmas[0])
+        stride = side // 8
+        with torch.no_grad():
+            for i in range(n):
+                sigma, following = float(sigmas[i]), float(sigmas[i + 1])
+                value, count = torch.zeros_like(x), torch.zeros_like(x)
+                for left in range(0, 8 * side + 1, stride):
+                    view = x[..., left:left + side]
+                    out = inner.apply_model(torch.cat([view] * 2).to(dtype), torch.full((2,), sigma, device=bench.device),
+                                            c_crossattn=context).float()
+                    denoised = out[0:1] + 7.5 * (out[1:2] - out[0:1])
+                    value[..., left:left + side] += view + (following - sigma) / sigma * (view - denoised)
+                    count[..., left:left + side] += 1
+                x = value / count
+    _, t, peak = timed(bench.device, official_loop)
+    yield f"official loop: one window per call", t, peak, official_floor, windows * n
+
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="editkit-lpips-"))
+    save_file(random_lpips(0).state_dict(), str(folder / "random.safetensors"))
+    _register_lpips_folder()
+    folder_paths.add_model_folder_path(LPIPS_FOLDER, str(folder))
+    vae = build_vae(bench.device, torch.float16, bench.device.type != "cuda")
+    sync_windows = (6 * side - side) // (side // 4) + 1
+    sync_steps = max(1, int(0.2 * n))          # the paper's 10 of 50 (at least one in a short --tiny run)
+    t_plain, _ = measure(fuser(8, window_px // 4), 6)
+    yield f"panorama 1x6, {sync_windows} windows, batch 8", t_plain, None, \
+        math.ceil(sync_windows / 8) * n * bench.unet_eval(16), math.ceil(sync_windows / 8) * n
+    for sync_batch in (1, 4):
+        mode = {"mode": "syncdiffusion", "lpips": "random.safetensors", "sync_until": (sync_steps + 0.5) / n,
+                "sync_weight": 20.0,
+                "sync_decay": 0.95, "sync_every": 1, "sync_batch": sync_batch}
+        t, peak = measure(fuser(8, window_px // 4, mode, vae), 6)
+        yield f"  + sync, {sync_steps} steps, sync_batch {sync_batch}", t, peak, t_plain, \
+            math.ceil(sync_windows / 8) * n
+        # floor of the extra: a forward and a backward (about 2 evaluations) per moved window, VAE not counted
+        yield f"    extra per sync step", (t - t_plain) / sync_steps, None, (sync_windows - 1) * 2 * t_eval2, \
+            2 * (sync_windows - 1)
+
+
+ROWS = [rows_foundation, rows_inversion, rows_attention_control, rows_feature_injection, rows_latent_fuser]
 
 
 def boot(cpu: bool):
@@ -328,7 +431,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
-    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection)")
+    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser)")
     args = parser.parse_args()
     cpu = args.tiny or not torch.cuda.is_available()
     pack = boot(cpu)

@@ -88,7 +88,7 @@ def region_weights(masks: torch.Tensor | None, latent_hw: tuple[int, int]) -> to
     if masks is None or masks.shape[0] == 0:
         return torch.ones(1, h, w)
     regions = torch.nn.functional.interpolate(masks[:, None].float(), size=(h, w), mode="nearest")[:, 0]
-    regions = (regions > 0.5).float()
+    regions = (regions >= 0.5).float()
     background = (1.0 - regions.sum(dim=0, keepdim=True)).clamp(min=0.0)
     return torch.cat([background, regions])
 

@@ -10,6 +10,11 @@ windows:
   ControlNets, LoRA hooks, masks and the pack's attention controllers apply as they do without windows; the
   predictions are fused per pixel (core/multidiffusion.py). A ControlNet's hint is resized to the whole image
   and each window gets its own crop of it.
+SyncDiffusion (Lee et al. 2023) runs inside the same CALC_COND_BATCH call: on a synchronising step every
+window but the anchor is first moved by its LPIPS gradient (core/syncdiffusion.py; autograd through the UNet
+and the VAE decoder, outside ComfyUI's inference mode), then evaluated at the moved latent; its prediction is
+reported so that the sampler's step from the shared latent lands where the window's own step lands (exact for
+first-order samplers: euler, ddim).
 """
 from __future__ import annotations
 
@@ -21,8 +26,11 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..core.lpips import LPIPS, load_lpips
 from ..core.multidiffusion import (Fusion, Window, bootstrap_choices, crop, region_weights, window_layout)
 from ..core.schedule import step_index
+from ..core.syncdiffusion import SyncSettings, anchor_index, shift_correction, sync_shifts
+from .inversion import autograd_usable_weights
 
 CATEGORY = "EditKit/fusion"
 WRAPPER_KEY = "editkit_latent_fuser"
@@ -63,12 +71,21 @@ class _Run:
     seed: int
     windows: list[Window]
     weights: torch.Tensor                        # (1 + regions, H, W): background, then each region
+    cfg: float | None = None                     # the sampler's CFG scale (SyncDiffusion guides its gradients)
     device_cache: dict = field(default_factory=dict)
 
     def on(self, name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         key = (name, str(like.device), like.dtype)
         if key not in self.device_cache:
             self.device_cache[key] = tensor.to(like.device, like.dtype)
+        return self.device_cache[key]
+
+    def lpips_on(self, state: dict, device) -> LPIPS:
+        """The LPIPS network on `device`, built outside inference mode so that autograd may save its weights."""
+        key = ("lpips", str(device))
+        if key not in self.device_cache:
+            with torch.inference_mode(False):
+                self.device_cache[key] = LPIPS.from_state_dict({k: v.clone() for k, v in state.items()}).to(device)
         return self.device_cache[key]
 
 
@@ -82,6 +99,9 @@ class LatentFuser:
     regions: tuple[Region, ...] = ()
     bootstrap: float = 0.0
     bootstrap_latents: torch.Tensor | None = None   # (colours, C, window, window) in the model's latent space
+    sync: SyncSettings | None = None
+    lpips: dict | None = None                       # LPIPS (VGG) state dict, on the CPU
+    vae: object = None                              # ComfyUI VAE: decodes the windows' predictions for sync
 
     # -- OUTER_SAMPLE --------------------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
@@ -94,7 +114,7 @@ class LatentFuser:
         masks = torch.stack([r.mask for r in self.regions]) if self.regions else None
         options[RUN_KEY] = _Run(schedule=[float(s) for s in sigmas.flatten().tolist()], noise=noise,
                                 seed=int(seed or 0), windows=self.layout(latent_hw),
-                                weights=region_weights(masks, latent_hw))
+                                weights=region_weights(masks, latent_hw), cfg=self._sampler_cfg(guider))
         try:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
@@ -115,6 +135,15 @@ class LatentFuser:
                 raise ValueError(f"regions: region {k + 1}'s mask is {w}x{h} but the image is "
                                  f"{latent_hw[1] * 8}x{latent_hw[0] * 8} px; give a mask of the image's size (or "
                                  f"at least its aspect ratio)")
+
+    def _sampler_cfg(self, guider) -> float | None:
+        if self.sync is None:
+            return None
+        cfg = getattr(guider, "cfg", None)
+        if not isinstance(cfg, (int, float)):
+            raise ValueError(f"mode: syncdiffusion needs a sampler with one CFG scale (KSampler, CFGGuider); "
+                             f"{type(guider).__name__} has none")
+        return float(cfg)
 
     def _check_conds(self, conds: dict) -> None:
         for name, entries in conds.items():
@@ -139,10 +168,15 @@ class LatentFuser:
         weights = run.on("weights", run.weights, x_in)
         bootstrap = prompts > 1 and self.bootstrap_latents is not None and step < int(self.bootstrap * (len(run.schedule) - 1))
         choices = bootstrap_choices(run.seed, step, prompts - 1, len(self.bootstrap_latents)) if bootstrap else None
+        shifts, correction = [None] * len(run.windows), 0.0
+        if self.sync is not None and self.sync.active(step, len(run.schedule) - 1):
+            shifts = self._sync_shifts(executor, model, conds, x_in, timestep, model_options, run, sigma, step)
+            correction = shift_correction(sigma, run.schedule[step + 1])
         fusion = Fusion(x_in, len(conds))
         for start in range(0, len(run.windows), self.window_batch):
             windows = run.windows[start:start + self.window_batch]
-            rows = self._rows(run, windows, x_in, sigma, weights, choices)
+            moved = shifts[start:start + self.window_batch]
+            rows = self._rows(run, windows, x_in, sigma, weights, choices, moved)
             batch_conds = [None if c is None else self._window_conds(c, i, windows, run, x_in) for i, c in enumerate(conds)]
             times = timestep.repeat(len(windows) * prompts) if timestep.ndim else timestep
             with _cropped_hints(conds, windows, prompts, x_in):
@@ -151,17 +185,52 @@ class LatentFuser:
                 out = out.reshape(len(windows), prompts, x_in.shape[0], *out.shape[1:])
                 for w, window in enumerate(windows):
                     region = crop(weights, window)[:, None, None]          # (prompts, 1, 1, h, w)
-                    fusion.add(i, window, (out[w] * region).sum(dim=0))
+                    prediction = (out[w] * region).sum(dim=0)
+                    if moved[w] is not None:
+                        prediction = prediction + correction * moved[w]
+                    fusion.add(i, window, prediction)
             for window in windows:
                 fusion.add_weight(window, crop(weights, window).sum(dim=0)[None, None])
         return fusion.result()
 
-    def _rows(self, run: _Run, windows, x_in, sigma: float, weights, choices) -> torch.Tensor:
+    def _sync_shifts(self, executor, model, conds, x_in, timestep, model_options, run: _Run, sigma: float,
+                     step: int) -> list:
+        """SyncDiffusion's gradient step of every window but the anchor (core/syncdiffusion.py), in the
+        sampler's latent space; the gradients flow through ComfyUI's own evaluation of the window crops."""
+        vae, windows = self.vae, run.windows
+
+        def guided(indices, x):
+            chosen = [windows[i] for i in indices]
+            batch_conds = [None if c is None else _detached(self._window_conds(c, i, chosen, run, x_in))
+                           for i, c in enumerate(conds)]
+            times = timestep.clone().repeat(len(chosen)) if timestep.ndim else timestep.clone()
+            with _cropped_hints(conds, chosen, 1, x_in):
+                outputs = executor(model, batch_conds, x, times, model_options)
+            if len(outputs) < 2 or conds[1] is None or run.cfg == 1.0:
+                return outputs[0]
+            return outputs[1] + run.cfg * (outputs[0] - outputs[1])
+
+        def decode(x0):
+            latent = model.process_latent_out(x0).to(vae.device, vae.vae_dtype)
+            return vae.process_output(vae.first_stage_model.decode(latent)).to(x0.device, torch.float32)
+
+        lpips = run.lpips_on(self.lpips, x_in.device)
+        with torch.inference_mode(False), autograd_usable_weights(model.diffusion_model), \
+                autograd_usable_weights(vae.first_stage_model):
+            crops = [crop(x_in, w).clone() for w in windows]
+            shifts = sync_shifts(guided, decode, lambda a, b: lpips(a.float(), b.float()), crops,
+                                 anchor_index(windows), self.sync.weight_at(step), sigma, self.sync.batch)
+        return [None if s is None else s.to(x_in.dtype) for s in shifts]
+
+    def _rows(self, run: _Run, windows, x_in, sigma: float, weights, choices, moved=None) -> torch.Tensor:
         """The model's input: for each window, for each prompt (background first), the latent's crop; in the
-        bootstrapping steps a region's crop is a noised constant colour outside its mask."""
+        bootstrapping steps a region's crop is a noised constant colour outside its mask; a window SyncDiffusion
+        moved is its crop minus its shift."""
         rows = []
-        for window in windows:
+        for w, window in enumerate(windows):
             view = crop(x_in, window)
+            if moved is not None and moved[w] is not None:
+                view = view - moved[w]
             for k in range(weights.shape[0]):
                 if k == 0 or choices is None:
                     rows.append(view)
@@ -204,6 +273,19 @@ class LatentFuser:
             length = length * ctx.shape[1] // _gcd(length, ctx.shape[1])
         per_prompt = [ctx.repeat(batch, length // ctx.shape[1], 1) for ctx in contexts]   # (batch, L, D) each
         return torch.cat(per_prompt * len(windows))
+
+
+def _detached(conds: list) -> list:
+    """The conds with their tensors copied out of inference mode, so that autograd may save them."""
+    out = []
+    for c in conds:
+        c = c.copy()
+        c["model_conds"] = {name: value._copy_with(value.cond.clone()) if torch.is_tensor(getattr(value, "cond", None))
+                            else value for name, value in c["model_conds"].items()}
+        if torch.is_tensor(c.get("mask")):
+            c["mask"] = c["mask"].clone()
+        out.append(c)
+    return out
 
 
 def _gcd(a: int, b: int) -> int:
@@ -268,6 +350,8 @@ def attach_fuser(model, fuser: LatentFuser):
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
         raise ValueError("model: it already samples in windows (a LatentFuser is applied); apply one LatentFuser")
     patched = model.clone()
+    if fuser.vae is not None:   # loaded with the UNet for the sampling, as ControlNets are
+        patched.set_additional_models(WRAPPER_KEY, [fuser.vae.patcher])
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, fuser.outer_sample)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, fuser.calc_cond_batch)
     return patched
@@ -300,8 +384,8 @@ class RegionPrompt(io.ComfyNode):
         mask = mask[0] if mask.ndim == 3 else mask
         if mask.ndim != 2:
             raise ValueError(f"mask: expected a MASK, got shape {tuple(mask.shape)}")
-        if not (mask > 0.5).any():
-            raise ValueError("mask: the region's mask is empty (nothing above 0.5); paint the region or drop it")
+        if not (mask >= 0.5).any():
+            raise ValueError("mask: the region's mask is empty (nothing at 0.5 or above); paint the region or drop it")
         return io.NodeOutput(Region(conditioning[0][0].detach().cpu(), mask.detach().float().cpu()))
 
 
@@ -346,6 +430,9 @@ class LatentFuserNode(io.ComfyNode):
                                        tooltip="Weight decay per step (paper: 0.95)."),
                         io.Int.Input("sync_every", default=1, min=1, max=100,
                                      tooltip="Synchronise every this many steps (paper: 1)."),
+                        io.Int.Input("sync_batch", default=1, min=1, max=64,
+                                     tooltip="Windows whose gradient is taken in one backward pass through the "
+                                             "UNet and the VAE decoder; memory grows fast with it."),
                     ]),
                 ]),
                 io.Autogrow.Input("regions", optional=True,
@@ -360,7 +447,8 @@ class LatentFuserNode(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="Regions with bootstrapping: encodes the plain colours; "
                                                            "SyncDiffusion: decodes the windows' predicted images."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
-                             tooltip="Regions: the seed of the bootstrapping colours."),
+                             tooltip="Regions: the seed of the bootstrapping colour palette (which colour a region "
+                                     "sees at each step follows the sampler's seed)."),
             ],
             outputs=[io.Model.Output(tooltip="The model that samples in windows: connect it to the sampler.")],
         )
@@ -379,10 +467,41 @@ class LatentFuserNode(io.ComfyNode):
                 raise ValueError("vae: region prompts with bootstrapping need the VAE (to encode the plain colours); "
                                  "connect it, or set bootstrap to 0")
             bootstrap_latents = _colour_latents(vae, model, window, seed)
+        sync, lpips = _sync_settings(mode, chosen, vae)
         fuser = LatentFuser(window=window // ratio, stride=stride // ratio, window_batch=window_batch,
                             circular=circular, regions=chosen, bootstrap=bootstrap,
-                            bootstrap_latents=bootstrap_latents)
+                            bootstrap_latents=bootstrap_latents, sync=sync, lpips=lpips,
+                            vae=vae if sync is not None else None)
         return io.NodeOutput(attach_fuser(model, fuser))
+
+
+def _sync_settings(mode: dict, regions, vae) -> tuple[SyncSettings | None, dict | None]:
+    """SyncDiffusion's settings and LPIPS weights from the node's mode, or (None, None) for MultiDiffusion."""
+    name = mode.get("mode") if isinstance(mode, dict) else mode
+    if name not in MODES:
+        raise ValueError(f"mode: '{name}' is not one of {', '.join(MODES)}")
+    if name == "multidiffusion":
+        return None, None
+    if regions:
+        raise ValueError("mode: syncdiffusion synchronises one prompt's windows; with region prompts use "
+                         "multidiffusion (or remove the regions)")
+    if vae is None:
+        raise ValueError("vae: syncdiffusion decodes each window's predicted image; connect the checkpoint's VAE")
+    file = mode.get("lpips")
+    if not file or file == NO_LPIPS:
+        raise ValueError("lpips: no LPIPS weights in models/lpips; make them once with tools/make_lpips_weights.py "
+                         "(see the README, 'SyncDiffusion') and reload the node")
+    import folder_paths
+    _register_lpips_folder()
+    path = folder_paths.get_full_path(LPIPS_FOLDER, file)
+    if path is None:
+        raise ValueError(f"lpips: '{file}' is not in models/lpips")
+    settings = SyncSettings(weight=float(mode.get("sync_weight", 20.0)), decay=float(mode.get("sync_decay", 0.95)),
+                            until=float(mode.get("sync_until", 0.2)), every=int(mode.get("sync_every", 1)),
+                            batch=int(mode.get("sync_batch", 1)))
+    if settings.every < 1 or settings.batch < 1:
+        raise ValueError("sync_every and sync_batch: must be at least 1")
+    return settings, load_lpips(path).state_dict()
 
 
 def _colour_latents(vae, model, window: int, seed: int) -> torch.Tensor:

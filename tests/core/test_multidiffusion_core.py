@@ -66,3 +66,9 @@ def test_bootstrap_choices_are_seeded():
     assert bootstrap_choices(7, 3, 4, 20) == bootstrap_choices(7, 3, 4, 20)
     assert all(0 <= c < 20 for c in bootstrap_choices(7, 3, 4, 20))
     assert len({tuple(bootstrap_choices(7, s, 4, 20)) for s in range(10)}) > 1
+
+
+def test_a_mask_value_of_one_half_is_inside_the_region_as_in_the_official_code():
+    weights = region_weights(torch.tensor([[[0.5, 0.49], [1.0, 0.0]]]), (2, 2))
+    assert weights[1].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert weights[0].tolist() == [[0.0, 1.0], [0.0, 1.0]]

@@ -8,7 +8,21 @@ from support import comfy_host
 STEPS = 3
 SHRINK = 4
 WORKFLOWS = ["Latent Fuser, panorama.json", "Latent Fuser, 360-degree panorama.json",
-             "Latent Fuser, region prompts.json", "Latent Fuser, tiled refine of a large image.json"]
+             "Latent Fuser, region prompts.json", "Latent Fuser, tiled refine of a large image.json",
+             "Latent Fuser, SyncDiffusion panorama.json"]
+LPIPS_FILE = "vgg_lpips.safetensors"   # the name tools/make_lpips_weights.py writes, here with random weights
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lpips_folder(host, tmp_path_factory):
+    import folder_paths
+    from safetensors.torch import save_file
+    from editkit.core.lpips import random_lpips
+    from editkit.nodes.latent_fuser import LPIPS_FOLDER, _register_lpips_folder
+    folder = tmp_path_factory.mktemp("lpips")
+    save_file(random_lpips(0).state_dict(), str(folder / LPIPS_FILE))
+    _register_lpips_folder()
+    folder_paths.add_model_folder_path(LPIPS_FOLDER, str(folder))
 
 
 def _prompt(name):
@@ -18,6 +32,8 @@ def _prompt(name):
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "EditKitLatentFuser":
             inputs.update(window=inputs["window"] // SHRINK, stride=max(8, inputs["stride"] // SHRINK))
+            if "SyncDiffusion" in name:   # one synchronised step of 3, over fewer windows, to keep it short
+                inputs.update({"stride": 64, "mode.sync_until": 0.34})
         elif kind in ("EmptyLatentImage", "SolidMask"):
             inputs.update(width=inputs["width"] // SHRINK, height=inputs["height"] // SHRINK)
         elif kind == "MaskComposite":
@@ -41,7 +57,11 @@ def test_shipped_settings_are_the_papers(host):
         fuser = prompt[comfy_host.node_of(prompt, "EditKitLatentFuser")]["inputs"]
         sampler = prompt[comfy_host.node_of(prompt, "KSampler")]["inputs"]
         assert fuser["window"] == 512 and sampler["cfg"] == 7.5
-        if "refine" not in name:
+        if "SyncDiffusion" in name:   # the paper's sample_syncdiffusion.sh
+            assert fuser["stride"] == 128 and fuser["mode"] == "syncdiffusion" and fuser["vae"]
+            assert (fuser["mode.sync_weight"], fuser["mode.sync_decay"], fuser["mode.sync_until"],
+                    fuser["mode.sync_every"], fuser["mode.lpips"]) == (20.0, 0.95, 0.2, 1, LPIPS_FILE)
+        elif "refine" not in name:
             assert fuser["stride"] == 64 and sampler["steps"] == 50 and sampler["sampler_name"] == "ddim"
         assert fuser["circular"] == ("360" in name)
 
@@ -70,3 +90,14 @@ def test_the_regions_change_the_panorama_inside_their_masks(host):
         del fuser[key]
     without = _latent(plain, comfy_host.run_prompt(plain))
     assert (with_regions - without).abs().max() > 1e-3
+
+
+def test_the_syncdiffusion_workflow_synchronises(host):
+    name = "Latent Fuser, SyncDiffusion panorama.json"
+    synced = _latent(prompt := _prompt(name), comfy_host.run_prompt(prompt))
+    plain = _prompt(name)
+    fuser = plain[comfy_host.node_of(plain, "EditKitLatentFuser")]["inputs"]
+    for key in [k for k in fuser if k.startswith("mode.")]:
+        del fuser[key]
+    fuser["mode"] = "multidiffusion"
+    assert (synced - _latent(plain, comfy_host.run_prompt(plain))).abs().max() > 1e-3
