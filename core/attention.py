@@ -73,41 +73,49 @@ def sites_for_transformers(transformers: Iterable[tuple[str, int, int]]) -> list
 class BatchLayout:
     """How the rows of a UNet batch map to branches and latent items.
 
-    Hosts concatenate the conditional and unconditional passes: rows are `len(chunks)` chunks of
-    `items` rows each, chunk c holding branch chunks[c] ("cond" / "uncond") of latent items 0..items-1.
+    Hosts concatenate the conditional and unconditional passes: rows are `len(chunks)` chunks, chunk c holding
+    branch chunks[c] ("cond" / "uncond"). A chunk holds `groups` groups of `items` rows, group g holding latent
+    items 0..items-1: a batch of windows of one latent (MultiDiffusion) has one group per window, each an
+    independent copy of the items, so controllers pair rows within a group only.
     """
     chunks: tuple[str, ...]
     items: int
+    groups: int = 1
 
     @property
     def size(self) -> int:
-        return len(self.chunks) * self.items
+        return len(self.chunks) * self.groups * self.items
 
     def rows(self, branch: str | None = None, item: int | None = None) -> list[int]:
         out = []
         for c, chunk_branch in enumerate(self.chunks):
             if branch is not None and chunk_branch != branch:
                 continue
-            for i in range(self.items):
-                if item is None or i == item:
-                    out.append(c * self.items + i)
+            for g in range(self.groups):
+                first = (c * self.groups + g) * self.items
+                out.extend(first + i for i in range(self.items) if item is None or i == item)
         return out
+
+    def group_starts(self, branch: str | None = None) -> list[int]:
+        """The first row of every group of every chunk of `branch` (None: all chunks)."""
+        return [(c * self.groups + g) * self.items for c, chunk_branch in enumerate(self.chunks)
+                if branch is None or chunk_branch == branch for g in range(self.groups)]
 
     def item_of(self, row: int) -> int:
         return row % self.items
 
     def branch_of(self, row: int) -> str:
-        return self.chunks[row // self.items]
+        return self.chunks[row // (self.groups * self.items)]
 
     @staticmethod
-    def from_cond_or_uncond(cond_or_uncond: Sequence[int] | None, batch: int) -> "BatchLayout":
+    def from_cond_or_uncond(cond_or_uncond: Sequence[int] | None, batch: int, groups: int = 1) -> "BatchLayout":
         """ComfyUI passes 0 for a conditional chunk and 1 for an unconditional one."""
-        if not cond_or_uncond:
-            return BatchLayout(("cond",), batch)
-        chunks = tuple("uncond" if c == 1 else "cond" for c in cond_or_uncond)
+        chunks = tuple("uncond" if c == 1 else "cond" for c in cond_or_uncond) if cond_or_uncond else ("cond",)
         if batch % len(chunks):
             return BatchLayout(("cond",), batch)
-        return BatchLayout(chunks, batch // len(chunks))
+        per_chunk = batch // len(chunks)
+        groups = groups if groups > 1 and per_chunk % groups == 0 else 1
+        return BatchLayout(chunks, per_chunk // groups, groups)
 
 
 class RunState:
@@ -225,6 +233,11 @@ class AttentionController:
         return out
 
     def new_run_state(self):
+        return None
+
+    def windows_problem(self) -> str | None:
+        """Why the controller cannot run on a batch of windows of one latent (each window a group of the
+        batch layout), or None when it acts within each window as it would on a whole latent."""
         return None
 
     def check_run(self, num_steps: int) -> None:

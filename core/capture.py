@@ -50,6 +50,9 @@ class AttentionMapCapture(AttentionController):
     branch: str = "cond"
     blocks: tuple[str, ...] = ("input", "middle", "output")
 
+    def windows_problem(self) -> str | None:
+        return "attention-map capture (its maps are of whole images, not of windows)"
+
     def wants_site(self, site: AttentionSite) -> bool:
         return site.kind == CROSS and site.block in self.blocks
 

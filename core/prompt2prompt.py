@@ -31,14 +31,9 @@ BLEND_LEVEL = 2   # maps of the 1/4-resolution layers: 16x16 for a 64x64 latent,
 
 
 def pair_rows(call: AttentionCall, branch: str | None = "cond") -> list[tuple[int, list[int]]]:
-    """(source row, target rows) of each chunk of `branch` (None: every chunk)."""
-    layout = call.layout
-    out = []
-    for c, chunk_branch in enumerate(layout.chunks):
-        if branch is None or chunk_branch == branch:
-            first = c * layout.items
-            out.append((first, list(range(first + 1, first + layout.items))))
-    return out
+    """(source row, target rows) of each group of each chunk of `branch` (None: every chunk)."""
+    items = call.layout.items
+    return [(first, list(range(first + 1, first + items))) for first in call.layout.group_starts(branch)]
 
 
 @dataclass(frozen=True)
@@ -227,6 +222,9 @@ class LocalBlend(AttentionController):
     def wants_site(self, site: AttentionSite) -> bool:
         return site.kind == CROSS
 
+    def windows_problem(self) -> str | None:
+        return "Prompt-to-Prompt's local blend (its mask comes from the attention maps of the whole image)"
+
     def acts_on(self, call: AttentionCall) -> bool:
         return call.layout.items == len(self.keys) and _is_map_site(call, self.level) and "cond" in call.layout.chunks
 
@@ -330,6 +328,11 @@ class MutualSelfAttention(AttentionController):
 
     def wants_site(self, site: AttentionSite) -> bool:
         return (site.kind == SELF and site.layer in self.layers) or (site.kind == CROSS and self.mask_keys is not None)
+
+    def windows_problem(self) -> str | None:
+        if self.masks is not None or self.mask_keys is not None:
+            return "MasaCtrl with masks (they cover the whole image; MasaCtrl without a mask works per window)"
+        return None
 
     def check_run(self, num_steps: int) -> None:
         if self.start_step >= num_steps:

@@ -30,6 +30,7 @@ from ..core.lpips import LPIPS, load_lpips
 from ..core.multidiffusion import (Fusion, Window, bootstrap_choices, crop, region_weights, window_layout)
 from ..core.schedule import step_index
 from ..core.syncdiffusion import SyncSettings, anchor_index, shift_correction, sync_shifts
+from .comfy_attention import CONTROLS_KEY, WINDOW_GROUPS_KEY
 from .inversion import autograd_usable_weights
 
 CATEGORY = "EditKit/fusion"
@@ -111,6 +112,7 @@ class LatentFuser:
         latent_hw = tuple(noise.shape[-2:])
         self._check_conds(guider.conds)
         self._check_masks(latent_hw)
+        self._check_controllers(options)
         masks = torch.stack([r.mask for r in self.regions]) if self.regions else None
         options[RUN_KEY] = _Run(schedule=[float(s) for s in sigmas.flatten().tolist()], noise=noise,
                                 seed=int(seed or 0), windows=self.layout(latent_hw),
@@ -144,6 +146,16 @@ class LatentFuser:
             raise ValueError(f"mode: syncdiffusion needs a sampler with one CFG scale (KSampler, CFGGuider); "
                              f"{type(guider).__name__} has none")
         return float(cfg)
+
+    @staticmethod
+    def _check_controllers(options: dict) -> None:
+        """The pack's attention controllers act within each window; refuse those that need the whole image."""
+        controls = options.get(CONTROLS_KEY)
+        for controller in controls.controllers if controls is not None else ():
+            problem = controller.windows_problem()
+            if problem:
+                raise ValueError(f"model: {problem} does not combine with the Latent Fuser's windows; apply it to "
+                                 f"a model without a Latent Fuser")
 
     def _check_conds(self, conds: dict) -> None:
         for name, entries in conds.items():
@@ -180,7 +192,7 @@ class LatentFuser:
             batch_conds = [None if c is None else self._window_conds(c, i, windows, run, x_in) for i, c in enumerate(conds)]
             times = timestep.repeat(len(windows) * prompts) if timestep.ndim else timestep
             with _cropped_hints(conds, windows, prompts, x_in):
-                outputs = executor(model, batch_conds, rows, times, model_options)
+                outputs = executor(model, batch_conds, rows, times, _grouped(model_options, len(windows) * prompts))
             for i, out in enumerate(outputs):
                 out = out.reshape(len(windows), prompts, x_in.shape[0], *out.shape[1:])
                 for w, window in enumerate(windows):
@@ -205,7 +217,7 @@ class LatentFuser:
                            for i, c in enumerate(conds)]
             times = timestep.clone().repeat(len(chosen)) if timestep.ndim else timestep.clone()
             with _cropped_hints(conds, chosen, 1, x_in):
-                outputs = executor(model, batch_conds, x, times, model_options)
+                outputs = executor(model, batch_conds, x, times, _grouped(model_options, len(chosen)))
             if len(outputs) < 2 or conds[1] is None or run.cfg == 1.0:
                 return outputs[0]
             return outputs[1] + run.cfg * (outputs[0] - outputs[1])
@@ -273,6 +285,14 @@ class LatentFuser:
             length = length * ctx.shape[1] // _gcd(length, ctx.shape[1])
         per_prompt = [ctx.repeat(batch, length // ctx.shape[1], 1) for ctx in contexts]   # (batch, L, D) each
         return torch.cat(per_prompt * len(windows))
+
+
+def _grouped(model_options: dict, groups: int) -> dict:
+    """The model options of one evaluation of `groups` windows: the pack's attention controllers pair the rows
+    of each window among themselves (core/attention.py, BatchLayout.groups)."""
+    options = dict(model_options)
+    options["transformer_options"] = {**model_options.get("transformer_options", {}), WINDOW_GROUPS_KEY: groups}
+    return options
 
 
 def _detached(conds: list) -> list:

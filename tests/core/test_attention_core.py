@@ -135,3 +135,14 @@ def test_step_windows_count_like_the_reference_code():
     assert [s for s in range(50) if call(s, 50).before(0.4)] == list(range(20))
     assert [s for s in range(100) if call(s, 100).before(0.29)] == list(range(28))  # int(28.999...) as the reference
     assert [s for s in range(7) if call(s, 7).within(0.2, 0.8, rows=8)] == [1, 2, 3, 4, 5]   # P2P's cross table
+
+
+def test_a_layout_of_window_groups_pairs_rows_within_each_group():
+    """cond/uncond chunks of 3 windows x (source, target): each window's rows are a group of the chunk."""
+    from editkit.core.attention import BatchLayout
+    layout = BatchLayout.from_cond_or_uncond([0, 1], 12, groups=3)
+    assert (layout.items, layout.groups, layout.size) == (2, 3, 12)
+    assert layout.rows("cond") == [0, 1, 2, 3, 4, 5] and layout.rows("uncond", item=1) == [7, 9, 11]
+    assert layout.group_starts("uncond") == [6, 8, 10]
+    assert [layout.branch_of(r) for r in (5, 6)] == ["cond", "uncond"] and layout.item_of(9) == 1
+    assert BatchLayout.from_cond_or_uncond([0, 1], 12, groups=5).groups == 1   # not a whole number of windows

@@ -174,3 +174,66 @@ def test_each_window_gets_its_crop_of_the_controlnet_hint(tiny, tmp_path):
     assert torch.equal(first, expected)
     assert len(seen) == STEPS * len(range(0, len(windows), 2))
     assert applied.cond_hint_original.shape == (1, 3, 64, 192)   # put back after each batch
+
+
+def _pair_edit(model, clip, latent, **settings):
+    """Prompt-to-Prompt's pair (source, target) sampled from one noise with ddim; (2, C, H, W)."""
+    import comfy.samplers
+    from support.node_calls import attention_controller
+    guider = attention_controller(model, clip, source_prompt="a cat riding a bicycle",
+                                  target_prompt="a dog riding a bicycle", negative_prompt="", cfg=5.0, **settings)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", STEPS)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    return guider.sample(noise, latent, comfy.samplers.sampler_object("ddim"), sigmas, disable_pbar=True, seed=0)
+
+
+def test_prompt_to_prompt_on_a_panorama_edits_each_window_with_its_own_source(tiny):
+    """Windows as wide as the stride are independent tiles: the word swap on the panorama equals the word swap
+    on each tile alone (the controller pairs each window's target row with that window's source row)."""
+    model, clip, _ = tiny
+    latent = torch.zeros(1, 4, 16, 32)
+    edit = dict(edit="word_swap", cross_replace=0.8, self_replace=0.4)
+    tiled = _pair_edit(_fuser(model, stride=WINDOW), clip, latent, **edit)
+    whole = _pair_edit(model, clip, latent, **edit)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    for left in (0, 16):
+        import comfy.samplers
+        from support.node_calls import attention_controller
+        guider = attention_controller(model, clip, source_prompt="a cat riding a bicycle",
+                                      target_prompt="a dog riding a bicycle", negative_prompt="", cfg=5.0, **edit)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", STEPS)
+        alone = guider.sample(noise[..., left:left + 16], latent[..., left:left + 16],
+                              comfy.samplers.sampler_object("ddim"), sigmas, disable_pbar=True, seed=0)
+        assert _close(tiled[..., left:left + 16], alone)
+    assert not _close(tiled, whole, rtol=1e-2)          # the tiles are not the whole latent's edit
+    assert not _close(tiled[1], tiled[0], rtol=1e-2)     # the target is edited
+
+
+def test_prompt_to_prompt_with_overlapping_windows_keeps_the_source_the_plain_panorama(tiny):
+    """The source row is the MultiDiffusion panorama of the source prompt; the target row differs from it."""
+    import comfy.samplers
+    model, clip, _ = tiny
+    latent = torch.zeros(1, 4, 16, 32)
+    fused = _fuser(model)
+    pair = _pair_edit(fused, clip, latent, edit="word_swap", cross_replace=0.8, self_replace=0.4)
+    guider = comfy.samplers.CFGGuider(fused)
+    guider.set_conds(encode(clip, "a cat riding a bicycle"), encode(clip, ""))
+    guider.set_cfg(5.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", STEPS)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    source = guider.sample(noise, latent, comfy.samplers.sampler_object("ddim"), sigmas, disable_pbar=True, seed=0)
+    assert _close(pair[0:1], source)
+    assert not _close(pair[1:2], source, rtol=1e-2)
+
+
+def test_controllers_that_need_the_whole_image_are_refused_on_windows(tiny):
+    from editkit.nodes.attention_maps import CaptureAttentionMaps
+    model, clip, _ = tiny
+    latent = torch.zeros(1, 4, 16, 32)
+    with pytest.raises(ValueError, match="local blend .* does not combine with the Latent Fuser's windows"):
+        _pair_edit(_fuser(model), clip, latent, edit="word_swap", blend_words="cat")
+    with pytest.raises(ValueError, match="MasaCtrl with masks"):
+        _pair_edit(_fuser(model), clip, latent, edit="masactrl", mask_word="bicycle")
+    captured = CaptureAttentionMaps.execute(_fuser(model), 16, 0.0, 1.0).result[0]
+    with pytest.raises(ValueError, match="attention-map capture"):
+        _sample(captured, clip, latent)
