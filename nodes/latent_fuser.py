@@ -142,9 +142,9 @@ class LatentFuser:
         if self.sync is None:
             return None
         cfg = getattr(guider, "cfg", None)
-        if not isinstance(cfg, (int, float)):
-            raise ValueError(f"mode: syncdiffusion needs a sampler with one CFG scale (KSampler, CFGGuider); "
-                             f"{type(guider).__name__} has none")
+        if not isinstance(cfg, (int, float)) or set(guider.conds) - {"positive", "negative"}:
+            raise ValueError(f"mode: syncdiffusion needs a sampler with a positive and a negative prompt and one CFG "
+                             f"scale (KSampler, CFGGuider); {type(guider).__name__} is not one")
         return float(cfg)
 
     @staticmethod

@@ -123,6 +123,20 @@ def test_a_region_prompt_changes_its_region_most(tiny):
     assert difference[20:].mean() > 3 * difference[:8].mean()
 
 
+def test_a_region_prompt_leaves_the_tiles_without_its_mask_as_the_background_run(tiny):
+    """Bootstrapping on every step and windows as wide as the stride: the tile that holds no part of the region
+    is sampled exactly as without the region; inside the region's tile the region's prompt shows."""
+    model, clip, vae = tiny
+    latent = torch.zeros(1, 4, 16, 32)
+    mask = torch.zeros(128, 256)
+    mask[32:96, 160:224] = 1.0
+    region = {"region_0": _region(clip, "a red car", mask)}
+    background = _sample(_fuser(model, stride=WINDOW), clip, latent)
+    with_region = _sample(_fuser(model, stride=WINDOW, regions=region, bootstrap=1.0, vae=vae), clip, latent)
+    assert _close(with_region[..., :16], background[..., :16], rtol=1e-5)
+    assert not _close(with_region[..., 20:28], background[..., 20:28], rtol=1e-2)
+
+
 def test_bad_inputs_are_refused(tiny):
     model, clip, vae = tiny
     with pytest.raises(ValueError, match="window: 130 px is not a multiple of 8"):

@@ -87,7 +87,9 @@ def test_node_matches_the_official_loop(setup, lpips_folder):
                                            timesteps, alphas, CFG, window=16, stride=8, sync_weight=20.0,
                                            sync_decay_rate=0.95, sync_thres=2)
     scale = expected.abs().max().item()
-    assert (ours - expected).abs().max().item() <= 1e-4 * scale
+    error = (ours - expected).abs().max().item()
+    print(f"sync node vs official loop: {error:.3g} of scale {scale:.3g}")
+    assert error <= 1e-4 * scale
     assert (plain - expected).abs().max().item() > 1e-2 * scale     # the synchronisation changed the result
 
 
