@@ -1,0 +1,91 @@
+"""Keyframe (cross-frame) self-attention for a batch of frames or images.
+
+Each latent of the batch is a frame. At the chosen self-attention layers and steps, a frame's keys and values
+are taken from its keyframes instead of from itself, so the frames share appearance:
+
+- `first`: frame 0 (Text2Video-Zero, Khachatryan et al. 2023, sec. 3.3, "cross-frame attention");
+- `first_and_previous`: frames 0 and i-1, concatenated (Pix2Video, Ceylan et al. 2023, sec. 3.2; its
+  frame 0 reads itself);
+- `middle`: frame F // 2 (FateZero's keyframe option, Qi et al. 2023);
+- `all`: every frame of the batch (shared attention over a batch of images);
+- `indices`: frames the user names.
+
+Keys and values are only ever read within one chunk (CFG branch) and one window of the batch layout, so
+the conditional frames read conditional keyframes and the unconditional ones unconditional keyframes, as
+the official code does per CFG chunk. Duplicated keyframes (frame 0's [0, 0] in `first_and_previous`) leave
+the attention unchanged: a key and value pair seen twice keeps its share of the softmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import SELF, AttentionCall, AttentionController, AttentionSite
+
+MODES = ("first", "first_and_previous", "middle", "all", "indices")
+
+
+def keyframes(mode: str, frames: int, indices: tuple[int, ...] = ()) -> list[list[int]]:
+    """For each of `frames` frames, the frames whose keys and values it reads (every list the same length)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: '{mode}' is not one of {', '.join(MODES)}")
+    if mode == "first_and_previous" and frames < 2:
+        raise ValueError("mode: first_and_previous (Pix2Video) needs a batch of at least 2 frames; this batch has 1")
+    if mode == "indices":
+        if not indices:
+            raise ValueError("indices: name at least one keyframe (frame numbers from 0)")
+        outside = [i for i in indices if not 0 <= i < frames]
+        if outside:
+            raise ValueError(f"indices: keyframe {outside[0]} is outside the batch of {frames} frames "
+                             f"(valid: 0 to {frames - 1})")
+        return [list(indices) for _ in range(frames)]
+    if mode == "first":
+        return [[0] for _ in range(frames)]
+    if mode == "first_and_previous":
+        return [[0, max(i - 1, 0)] for i in range(frames)]
+    if mode == "middle":
+        return [[frames // 2] for _ in range(frames)]
+    return [list(range(frames)) for _ in range(frames)]
+
+
+@dataclass(frozen=True, eq=False)
+class KeyframeAttention(AttentionController):
+    """Self-attention keys and values from keyframes, at `layers` (None: every self-attention layer) and in
+    the steps int(start * N) <= step < int(end * N)."""
+    mode: str = "first"
+    indices: tuple[int, ...] = ()
+    layers: tuple[int, ...] | None = None
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: '{self.mode}' is not one of {', '.join(MODES)}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"start, end: need 0 <= start < end <= 1, got {self.start} and {self.end}")
+
+    def wants_site(self, site: AttentionSite) -> bool:
+        return site.kind == SELF and (self.layers is None or site.layer in self.layers)
+
+    def acts_on(self, call: AttentionCall) -> bool:
+        if not (self.wants_site(call.site) and call.within(self.start, self.end)):
+            return False
+        table = self._table(call.layout.items)
+        return any(row != [i] for i, row in enumerate(table))   # not every frame reading only itself
+
+    def _table(self, frames: int) -> list[list[int]]:
+        return keyframes(self.mode, frames, self.indices)
+
+    def edit_qkv(self, call: AttentionCall, q, k, v):
+        layout = call.layout
+        table = torch.tensor(self._table(layout.items), device=k.device)          # (frames, keyframes)
+        starts = torch.tensor(layout.group_starts(), device=k.device)              # every chunk and window
+        rows = (starts[:, None, None] + table[None]).reshape(-1, table.shape[1])   # (batch rows, keyframes)
+        return q, _gather(k, rows), _gather(v, rows)
+
+
+def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens, dim) -> (batch, keyframes * tokens, dim): row r's tokens are those of rows[r], in order."""
+    picked = x[rows.flatten()]
+    return picked.reshape(rows.shape[0], rows.shape[1] * x.shape[1], x.shape[2])

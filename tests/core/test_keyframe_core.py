@@ -1,0 +1,57 @@
+"""core/keyframe.py without a host: which frames each frame reads, and the gathered keys and values per CFG
+chunk and window."""
+import pytest
+import torch
+
+from editkit.core.attention import SELF, AttentionCall, AttentionSite, BatchLayout, RunState
+from editkit.core.keyframe import KeyframeAttention, keyframes
+
+
+def test_keyframes_of_each_method():
+    assert keyframes("first", 3) == [[0], [0], [0]]
+    assert keyframes("first_and_previous", 4) == [[0, 0], [0, 0], [0, 1], [0, 2]]
+    assert keyframes("middle", 5) == [[2]] * 5
+    assert keyframes("all", 2) == [[0, 1], [0, 1]]
+    assert keyframes("indices", 6, (0, 4)) == [[0, 4]] * 6
+
+
+def test_bad_keyframes_are_named():
+    with pytest.raises(ValueError, match="indices: keyframe 6 is outside the batch of 6 frames"):
+        keyframes("indices", 6, (0, 6))
+    with pytest.raises(ValueError, match="first_and_previous .* needs a batch of at least 2 frames"):
+        keyframes("first_and_previous", 1)
+    with pytest.raises(ValueError, match="mode: 'last' is not one of"):
+        KeyframeAttention(mode="last")
+
+
+def _call(layout, step=0, layer=3):
+    return AttentionCall(site=AttentionSite(layer, SELF, "output", 3, 0), heads=2, step=step, num_steps=10,
+                         grid=(2, 2), layout=layout, run=RunState([]))
+
+
+@pytest.mark.parametrize("mode", ["first", "first_and_previous", "middle", "all"])
+def test_each_row_reads_its_keyframes_of_its_own_chunk_and_window(mode):
+    layout = BatchLayout(("cond", "uncond"), items=3, groups=2)     # 2 windows x 3 frames per CFG chunk
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.size, 4, 8, generator=g) for _ in range(3))
+    controller = KeyframeAttention(mode=mode)
+    assert controller.acts_on(_call(layout))
+    q2, k2, v2 = controller.edit_qkv(_call(layout), q, k, v)
+    assert torch.equal(q2, q)
+    table = keyframes(mode, 3)
+    for row in range(layout.size):
+        first = row - layout.item_of(row)                            # the row's group start
+        expected = [first + f for f in table[layout.item_of(row)]]
+        assert torch.equal(k2[row], torch.cat([k[r] for r in expected]))
+        assert torch.equal(v2[row], torch.cat([v[r] for r in expected]))
+
+
+def test_layers_steps_and_a_single_frame_leave_attention_alone():
+    layout = BatchLayout(("cond",), items=3)
+    controller = KeyframeAttention(mode="first", layers=(3,), start=0.2, end=0.5)
+    assert not controller.acts_on(_call(layout, step=1))             # before int(0.2 * 10)
+    assert controller.acts_on(_call(layout, step=2)) and controller.acts_on(_call(layout, step=4))
+    assert not controller.acts_on(_call(layout, step=5))
+    assert not controller.acts_on(_call(layout, step=3, layer=4))
+    assert not controller.wants_site(AttentionSite(3, "cross", "output", 3, 0))
+    assert not KeyframeAttention(mode="all").acts_on(_call(BatchLayout(("cond", "uncond"), items=1)))
