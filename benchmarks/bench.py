@@ -416,7 +416,23 @@ def rows_latent_fuser(bench: Bench, pack):
             2 * (sync_windows - 1)
 
 
-ROWS = [rows_foundation, rows_inversion, rows_attention_control, rows_feature_injection, rows_latent_fuser]
+def rows_keyframe(bench: Bench, pack):
+    """Keyframe attention alone on 16 frames (a batch of 16 latents, CFG: batch 32 per evaluation) against plain
+    batched sampling of the same frames; the floor is the steps' evaluations at batch 32."""
+    from editkit.nodes.keyframe_attention import KeyframeAttentionNode
+    frames, n = 16, bench.steps
+    t_eval = bench.unet_eval(2 * frames)
+    yield f"one UNet evaluation, batch {2 * frames}", t_eval, None, t_eval, 1
+    t, peak = bench.sample(batch=frames, repeats=2)
+    yield f"plain sampling, {frames} frames batched", t, peak, n * t_eval, n
+    for mode in ("first", "first_and_previous", "all"):
+        model = KeyframeAttentionNode.execute(bench.model, {"mode": mode}, "", 0.0, 1.0).result[0]
+        t, peak = bench.sample(model, batch=frames, repeats=2)
+        yield f"keyframe attention {mode}, {frames} frames", t, peak, n * t_eval, n
+
+
+ROWS = [rows_foundation, rows_inversion, rows_attention_control, rows_feature_injection, rows_latent_fuser,
+        rows_keyframe]
 
 
 def boot(cpu: bool):
@@ -431,7 +447,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
-    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser)")
+    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser, keyframe)")
     args = parser.parse_args()
     cpu = args.tiny or not torch.cuda.is_available()
     pack = boot(cpu)
