@@ -426,7 +426,7 @@ def rows_keyframe(bench: Bench, pack):
     t, peak = bench.sample(batch=frames, repeats=2)
     yield f"plain sampling, {frames} frames batched", t, peak, n * t_eval, n
     for mode in ("first", "first_and_previous", "all"):
-        model = KeyframeAttentionNode.execute(bench.model, {"mode": mode}, "", 0.0, 1.0).result[0]
+        model = KeyframeAttentionNode.execute(bench.model, {"mode": mode}, "", 0.0, 1.0, 0).result[0]
         t, peak = bench.sample(model, batch=frames, repeats=2)
         yield f"keyframe attention {mode}, {frames} frames", t, peak, n * t_eval, n
 

@@ -178,6 +178,14 @@ class AttentionCall(_StepWindow):
     run: RunState
     sigma: float | None = None
     latent_hw: tuple[int, int] | None = None   # (h, w) of the latent the UNet is denoising
+    frames: "FrameWindow | None" = None        # which frames of a longer batch the items are (frame windows)
+
+
+@dataclass(frozen=True)
+class FrameWindow:
+    """The items of an evaluation that holds some frames of a longer batch: item i is frame ids[i] of `total`."""
+    ids: tuple[int, ...]
+    total: int
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import SELF, AttentionCall, AttentionController, AttentionSite
+from .attention import SELF, AttentionCall, AttentionController, AttentionSite, FrameWindow
 
 MODES = ("first", "first_and_previous", "middle", "all", "indices")
 
@@ -71,15 +71,22 @@ class KeyframeAttention(AttentionController):
     def acts_on(self, call: AttentionCall) -> bool:
         if not (self.wants_site(call.site) and call.within(self.start, self.end)):
             return False
-        table = self._table(call.layout.items)
+        table = self._table(call.layout.items, call.frames)
         return any(row != [i] for i, row in enumerate(table))   # not every frame reading only itself
 
-    def _table(self, frames: int) -> list[list[int]]:
-        return keyframes(self.mode, frames, self.indices)
+    def _table(self, items: int, frames: FrameWindow | None) -> list[list[int]]:
+        """Each item's keyframes as item positions; with a frame window, the keyframes of the whole batch, which
+        the window holds for its own frames (frame_windows puts them there). A borrowed keyframe whose own
+        keyframes lie outside the window (Pix2Video's previous frame) reads itself in their place."""
+        if frames is None:
+            return keyframes(self.mode, items, self.indices)
+        table = keyframes(self.mode, frames.total, self.indices)
+        position = {frame: i for i, frame in enumerate(frames.ids)}
+        return [[position.get(f, i) for f in table[frame]] for i, frame in enumerate(frames.ids)]
 
     def edit_qkv(self, call: AttentionCall, q, k, v):
         layout = call.layout
-        table = torch.tensor(self._table(layout.items), device=k.device)          # (frames, keyframes)
+        table = torch.tensor(self._table(layout.items, call.frames), device=k.device)   # (items, keyframes)
         starts = torch.tensor(layout.group_starts(), device=k.device)              # every chunk and window
         rows = (starts[:, None, None] + table[None]).reshape(-1, table.shape[1])   # (batch rows, keyframes)
         return q, _gather(k, rows), _gather(v, rows)
@@ -89,3 +96,24 @@ def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(batch, tokens, dim) -> (batch, keyframes * tokens, dim): row r's tokens are those of rows[r], in order."""
     picked = x[rows.flatten()]
     return picked.reshape(rows.shape[0], rows.shape[1] * x.shape[1], x.shape[2])
+
+
+def frame_windows(mode: str, total: int, size: int, indices: tuple[int, ...] = ()) -> list[tuple[list[int], int]]:
+    """Long videos in windows of `size` frames (Text2Video-Zero's chunks with frame 0 prepended, generalised):
+    each window is (frame ids, first kept position): the keyframes its frames read that lie outside it come
+    first (their outputs are dropped), then its own frames, so memory is bounded by the window and the
+    keyframes, not the video. With first, middle and indices every frame reads what it reads in one batch (the
+    keyframes read only keyframes); with first_and_previous the borrowed previous frame is computed without
+    its own previous frame, which one batch would give it. size 0 or >= total: one window."""
+    table = keyframes(mode, total, indices)
+    if size <= 0 or size >= total:
+        return [(list(range(total)), 0)]
+    if mode == "all":
+        raise ValueError("frame_window: mode all reads every frame, so it cannot run in windows; use first, "
+                         "first_and_previous, middle or indices, or set frame_window to 0")
+    windows = []
+    for start in range(0, total, size):
+        own = list(range(start, min(start + size, total)))
+        context = sorted({f for frame in own for f in table[frame]} - set(own))
+        windows.append((context + own, len(context)))
+    return windows

@@ -32,6 +32,8 @@ WRAPPER_KEY = "editkit_attention"
 # Set by the LatentFuser on the evaluations of a batch of windows: how many windows (groups of the batch
 # layout) each chunk of the batch holds.
 WINDOW_GROUPS_KEY = "editkit_window_groups"
+# Set by Keyframe Attention's frame windows: which frames of the batch an evaluation holds (core FrameWindow).
+FRAME_WINDOW_KEY = "editkit_frame_window"
 
 
 class UnsupportedModelError(ValueError):
@@ -157,7 +159,8 @@ def call_from_options(site: AttentionSite, q, extra_options: dict, run: RunState
     original = extra_options.get("original_shape")
     latent_hw = (int(original[-2]), int(original[-1])) if original is not None and len(original) == 4 else None
     return AttentionCall(site=site, heads=extra_options["n_heads"], step=step, num_steps=num_steps, grid=grid,
-                         layout=layout, run=run, sigma=sigma, latent_hw=latent_hw)
+                         layout=layout, run=run, sigma=sigma, latent_hw=latent_hw,
+                         frames=extra_options.get(FRAME_WINDOW_KEY))
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):

@@ -6,11 +6,15 @@ composes with the Attention Controller, the Feature Injector and the Latent Fuse
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import comfy.patcher_extension
+import torch
 from comfy_api.latest import io
 
-from ..core.attention import SELF, parse_layers
-from ..core.keyframe import MODES, KeyframeAttention
-from .comfy_attention import attach_controller, attention_sites
+from ..core.attention import SELF, FrameWindow, parse_layers
+from ..core.keyframe import MODES, KeyframeAttention, frame_windows
+from .comfy_attention import FRAME_WINDOW_KEY, attach_controller, attention_sites
 
 CATEGORY = "EditKit/video"
 METHOD_OF_MODE = {"first": "Text2Video-Zero", "first_and_previous": "Pix2Video", "middle": "FateZero",
@@ -47,6 +51,56 @@ def _layers(model, text: str, mode: str) -> tuple[int, ...] | None:
     return layers
 
 
+WINDOWS_KEY = "editkit_frame_windows"
+
+
+@dataclass(frozen=True, eq=False)
+class FrameWindows:
+    """CALC_COND_BATCH wrapper: a long batch of frames evaluated in windows of frames (core frame_windows),
+    each holding the keyframes its frames read; the outputs of those borrowed keyframes are dropped."""
+    controller: KeyframeAttention
+    size: int
+
+    def __call__(self, executor, model, conds, x_in, timestep, model_options):
+        total = x_in.shape[0]
+        windows = frame_windows(self.controller.mode, total, self.size, self.controller.indices)
+        if len(windows) == 1:
+            return executor(model, conds, x_in, timestep, model_options)
+        for entries in conds:
+            if any(c.get("control") is not None for c in entries or []):
+                raise ValueError("frame_window: a ControlNet does not combine with frame windows yet; set "
+                                 "frame_window to 0")
+        outputs = None
+        for ids, kept in windows:
+            index = torch.tensor(ids, device=x_in.device)
+            options = dict(model_options)
+            options["transformer_options"] = {**model_options.get("transformer_options", {}),
+                                              FRAME_WINDOW_KEY: FrameWindow(tuple(ids), total)}
+            times = timestep[index] if timestep.ndim and timestep.shape[0] == total else timestep
+            window_conds = [None if c is None else [_frames_of(entry, index, total) for entry in c] for c in conds]
+            out = executor(model, window_conds, x_in[index], times, options)
+            if outputs is None:
+                outputs = [torch.zeros_like(x_in) for _ in out]
+            for full, part in zip(outputs, out):
+                full[index[kept:]] = part[kept:]
+        return outputs
+
+
+def _frames_of(cond: dict, index: torch.Tensor, total: int) -> dict:
+    """A cond for some frames of the batch: per-frame tensors (a batch of prompts, masks) indexed."""
+    cond = cond.copy()
+    if torch.is_tensor(cond.get("mask")) and cond["mask"].shape[0] == total:
+        cond["mask"] = cond["mask"][index.to(cond["mask"].device)]
+    model_conds = {}
+    for name, value in cond["model_conds"].items():
+        data = getattr(value, "cond", None)
+        if torch.is_tensor(data) and data.shape[0] == total and total > 1:
+            value = value._copy_with(data[index.to(data.device)])
+        model_conds[name] = value
+    cond["model_conds"] = model_conds
+    return cond
+
+
 class KeyframeAttentionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -79,12 +133,16 @@ class KeyframeAttentionNode(io.ComfyNode):
                                tooltip="Fraction of the steps before keyframe attention starts."),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps after which each frame attends to itself again."),
+                io.Int.Input("frame_window", default=0, min=0, max=4096,
+                             tooltip="Long videos: frames per model call (plus the keyframes they read, e.g. "
+                                     "frame 0), so memory is bounded by the window, not the video; every frame "
+                                     "reads the same keyframes as in one batch. 0: all frames in one call."),
             ],
             outputs=[io.Model.Output(tooltip="The model whose batch shares attention: connect it to the sampler.")],
         )
 
     @classmethod
-    def execute(cls, model, mode, layers, start_at, end_at) -> io.NodeOutput:
+    def execute(cls, model, mode, layers, start_at, end_at, frame_window) -> io.NodeOutput:
         name = mode.get("mode") if isinstance(mode, dict) else mode
         if name not in MODES:
             raise ValueError(f"mode: '{name}' is not one of {', '.join(MODES)}")
@@ -95,7 +153,19 @@ class KeyframeAttentionNode(io.ComfyNode):
             raise ValueError("indices: name at least one keyframe (frame numbers from 0, e.g. '0' or '0, 8')")
         controller = KeyframeAttention(mode=name, indices=indices, layers=_layers(model, layers, name),
                                        start=start_at, end=end_at)
-        return io.NodeOutput(attach_controller(model, controller))
+        if frame_window == 1:
+            raise ValueError("frame_window: 1 frame per call leaves nothing to share; use 2 or more, or 0 for all")
+        if frame_window and name == "all":
+            raise ValueError("frame_window: mode all reads every frame, so it cannot run in windows; use first, "
+                             "first_and_previous, middle or indices, or set frame_window to 0")
+        patched = attach_controller(model, controller)
+        if frame_window:
+            if patched.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WINDOWS_KEY):
+                raise ValueError("model: it already samples frames in windows; apply one Keyframe Attention with "
+                                 "a frame_window")
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WINDOWS_KEY,
+                                         FrameWindows(controller, frame_window))
+        return io.NodeOutput(patched)
 
 
 NODES = [KeyframeAttentionNode]

@@ -55,3 +55,29 @@ def test_layers_steps_and_a_single_frame_leave_attention_alone():
     assert not controller.acts_on(_call(layout, step=3, layer=4))
     assert not controller.wants_site(AttentionSite(3, "cross", "output", 3, 0))
     assert not KeyframeAttention(mode="all").acts_on(_call(BatchLayout(("cond", "uncond"), items=1)))
+
+
+def test_frame_windows_hold_the_keyframes_their_frames_read():
+    from editkit.core.keyframe import frame_windows
+    assert frame_windows("first", 7, 3) == [([0, 1, 2], 0), ([0, 3, 4, 5], 1), ([0, 6], 1)]
+    assert frame_windows("first_and_previous", 6, 2) == [([0, 1], 0), ([0, 1, 2, 3], 2), ([0, 3, 4, 5], 2)]
+    assert frame_windows("middle", 6, 4) == [([0, 1, 2, 3], 0), ([3, 4, 5], 1)]
+    assert frame_windows("indices", 5, 2, (4,)) == [([4, 0, 1], 1), ([4, 2, 3], 1), ([4], 0)]
+    assert frame_windows("first", 4, 0) == frame_windows("first", 4, 9) == [([0, 1, 2, 3], 0)]
+    with pytest.raises(ValueError, match="frame_window: mode all reads every frame"):
+        frame_windows("all", 4, 2)
+
+
+def test_in_a_frame_window_items_read_the_keyframes_of_the_whole_batch():
+    from editkit.core.attention import FrameWindow
+    controller = KeyframeAttention(mode="first_and_previous")
+    layout = BatchLayout(("cond",), items=4)
+    call = _call(layout)
+    call.frames = FrameWindow((0, 3, 4, 5), total=6)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 4, 8, generator=g) for _ in range(3))
+    _, k2, _ = controller.edit_qkv(call, q, k, v)
+    # frame 4 (item 2) reads frames 0 and 3 (items 0 and 1); frame 5 (item 3) frames 0 and 4 (items 0 and 2);
+    # the borrowed frame 3 would read frame 2, which the window lacks: it reads itself there
+    assert torch.equal(k2[2], torch.cat([k[0], k[1]])) and torch.equal(k2[3], torch.cat([k[0], k[2]]))
+    assert torch.equal(k2[1], torch.cat([k[0], k[1]]))

@@ -10,10 +10,10 @@ STEPS = 4
 PROMPT = "a fox running in the snow"
 
 
-def _keyframe(model, mode="first", layers="", start_at=0.0, end_at=1.0, indices=None):
+def _keyframe(model, mode="first", layers="", start_at=0.0, end_at=1.0, indices=None, frame_window=0):
     from editkit.nodes.keyframe_attention import KeyframeAttentionNode
     combo = {"mode": mode} if indices is None else {"mode": mode, "indices": indices}
-    return KeyframeAttentionNode.execute(model, combo, layers, start_at, end_at).result[0]
+    return KeyframeAttentionNode.execute(model, combo, layers, start_at, end_at, frame_window).result[0]
 
 
 def _sample(model, clip, noise):
@@ -92,6 +92,29 @@ def test_each_frame_reads_exactly_its_keyframes_in_its_branch_at_the_chosen_laye
     assert len(sites) == 2                                          # layers 1 and 3 only
 
 
+@pytest.mark.parametrize("mode, indices", [("first", None), ("middle", None), ("indices", "1, 4")])
+def test_frame_windows_give_what_one_batch_gives(tiny, mode, indices):
+    """6 frames in windows of 2 (plus the keyframes they read) against one batch of 6: every frame reads the
+    same keyframes, so the frames agree to float tolerance; a window as large as the batch is the batch."""
+    model, clip, _ = tiny
+    noise = _noise(6)
+    whole = _sample(_keyframe(model, mode, indices=indices), clip, noise)
+    windowed = _sample(_keyframe(model, mode, indices=indices, frame_window=2), clip, noise)
+    assert _close(windowed, whole)
+    assert torch.equal(_sample(_keyframe(model, mode, indices=indices, frame_window=6), clip, noise), whole)
+
+
+def test_frame_windows_bound_the_batch_of_each_model_call(tiny):
+    from editkit.nodes.comfy_attention import attach_controller
+    model, clip, _ = tiny
+    recorder = Recorder(attention=lambda site: site.kind == "self" and site.layer == 0)
+    patched = attach_controller(_keyframe(model, "first_and_previous", frame_window=2), recorder)
+    out = _sample(patched, clip, _noise(6))
+    assert torch.isfinite(out).all()
+    sizes = {call["layout"].items for calls in recorder.runs[-1].values() for call in calls}
+    assert sizes == {2, 4}          # frames 0-1, then frames (0, 1 | 2, 3) and (0, 3 | 4, 5)
+
+
 def test_the_input_model_is_unchanged(tiny):
     model, clip, _ = tiny
     before = dict(model.model_options.get("transformer_options", {}))
@@ -109,5 +132,9 @@ def test_bad_inputs_are_refused(tiny):
         _keyframe(model, "indices", indices="0, x")
     with pytest.raises(ValueError, match="layers: 99 is beyond this model's"):
         _keyframe(model, "first", layers="99")
+    with pytest.raises(ValueError, match="frame_window: mode all reads every frame"):
+        _keyframe(model, "all", frame_window=4)
+    with pytest.raises(ValueError, match="frame_window: 1 frame per call"):
+        _keyframe(model, "first", frame_window=1)
     with pytest.raises(ValueError, match="start_at: 0.5 must be smaller than end_at"):
         _keyframe(model, "first", start_at=0.5, end_at=0.5)
