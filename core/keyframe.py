@@ -117,3 +117,23 @@ def frame_windows(mode: str, total: int, size: int, indices: tuple[int, ...] = (
         context = sorted({f for frame in own for f in table[frame]} - set(own))
         windows.append((context + own, len(context)))
     return windows
+
+
+def previous_frame_pull(denoised: torch.Tensor, weight: float, sigma: float, sigma_next: float) -> torch.Tensor:
+    """Pix2Video's latent guidance (Ceylan et al. 2023, sec. 3.3) as a change of the frames' predictions.
+
+    The paper moves each frame's next latent against the gradient of weight * MSE(x0_prev, x0) taken with
+    respect to the frame's predicted clean latent x0 only (the previous frame's prediction at the same step
+    held fixed): x_{t-1} <- x_{t-1} - g, g = weight * 2 (x0_i - x0_{i-1}) / numel (frame 0 keeps its own).
+    `denoised` (frames, C, H, W) are the guided predictions of one step from sigma to sigma_next; returned is
+    the change of each prediction after which a first-order (Euler / DDIM) step from the shared latent lands
+    on the moved latent: the step x + c (x - D) with c = (sigma_next - sigma) / sigma, in the sampler's space
+    x = x_t / sqrt(alpha), moves by -c dD, so dD = g / (c sqrt(alpha_next))."""
+    change = torch.zeros_like(denoised)
+    if denoised.shape[0] < 2 or weight == 0 or sigma_next <= 0:
+        return change
+    per_frame = denoised[0].numel()
+    gradient = weight * 2.0 * (denoised[1:] - denoised[:-1]) / per_frame
+    c = (sigma_next - sigma) / sigma
+    change[1:] = gradient * ((1.0 + sigma_next ** 2) ** 0.5 / c)
+    return change

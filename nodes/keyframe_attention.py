@@ -13,7 +13,8 @@ import torch
 from comfy_api.latest import io
 
 from ..core.attention import SELF, FrameWindow, parse_layers
-from ..core.keyframe import MODES, KeyframeAttention, frame_windows
+from ..core.keyframe import MODES, KeyframeAttention, frame_windows, previous_frame_pull
+from ..core.schedule import step_index
 from .comfy_attention import FRAME_WINDOW_KEY, attach_controller, attention_sites
 
 CATEGORY = "EditKit/video"
@@ -86,6 +87,27 @@ class FrameWindows:
         return outputs
 
 
+@dataclass(frozen=True, eq=False)
+class PreviousFramePull:
+    """Post-CFG function: Pix2Video's pull of each frame's predicted image towards the previous frame's, in the
+    first `until` of the steps (core previous_frame_pull)."""
+    weight: float
+    until: float
+
+    def __call__(self, args: dict) -> torch.Tensor:
+        denoised = args["denoised"]
+        schedule = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
+        if schedule is None or denoised.shape[0] < 2:
+            return denoised
+        sigmas = [float(s) for s in schedule.flatten().tolist()]
+        sigma = float(args["sigma"].flatten()[0])
+        step = step_index(sigma, sigmas)
+        if step >= int(self.until * (len(sigmas) - 1)) or step + 1 >= len(sigmas):
+            return denoised
+        change = previous_frame_pull(denoised.float(), self.weight, sigma, sigmas[step + 1])
+        return denoised + change.to(denoised.dtype)
+
+
 def _frames_of(cond: dict, index: torch.Tensor, total: int) -> dict:
     """A cond for some frames of the batch: per-frame tensors (a batch of prompts, masks) indexed."""
     cond = cond.copy()
@@ -137,12 +159,19 @@ class KeyframeAttentionNode(io.ComfyNode):
                              tooltip="Long videos: frames per model call (plus the keyframes they read, e.g. "
                                      "frame 0), so memory is bounded by the window, not the video; every frame "
                                      "reads the same keyframes as in one batch. 0: all frames in one call."),
+                io.Float.Input("previous_frame_pull", default=0.0, min=0.0, max=10000.0, step=1.0,
+                               tooltip="Pix2Video's latent guidance: each frame's predicted image pulled towards "
+                                       "the previous frame's (paper: 100, first half of the steps). 0: off. "
+                                       "Exact for euler / ddim."),
+                io.Float.Input("pull_until", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps with the previous-frame pull (paper: 25 of 50)."),
             ],
             outputs=[io.Model.Output(tooltip="The model whose batch shares attention: connect it to the sampler.")],
         )
 
     @classmethod
-    def execute(cls, model, mode, layers, start_at, end_at, frame_window) -> io.NodeOutput:
+    def execute(cls, model, mode, layers, start_at, end_at, frame_window, previous_frame_pull=0.0,
+                pull_until=0.5) -> io.NodeOutput:
         name = mode.get("mode") if isinstance(mode, dict) else mode
         if name not in MODES:
             raise ValueError(f"mode: '{name}' is not one of {', '.join(MODES)}")
@@ -159,6 +188,8 @@ class KeyframeAttentionNode(io.ComfyNode):
             raise ValueError("frame_window: mode all reads every frame, so it cannot run in windows; use first, "
                              "first_and_previous, middle or indices, or set frame_window to 0")
         patched = attach_controller(model, controller)
+        if previous_frame_pull > 0 and pull_until > 0:
+            patched.set_model_sampler_post_cfg_function(PreviousFramePull(previous_frame_pull, pull_until))
         if frame_window:
             if patched.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WINDOWS_KEY):
                 raise ValueError("model: it already samples frames in windows; apply one Keyframe Attention with "

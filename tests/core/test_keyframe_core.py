@@ -81,3 +81,24 @@ def test_in_a_frame_window_items_read_the_keyframes_of_the_whole_batch():
     # the borrowed frame 3 would read frame 2, which the window lacks: it reads itself there
     assert torch.equal(k2[2], torch.cat([k[0], k[1]])) and torch.equal(k2[3], torch.cat([k[0], k[2]]))
     assert torch.equal(k2[1], torch.cat([k[0], k[1]]))
+
+
+@pytest.mark.parametrize("sigma, sigma_next", [(14.6, 9.7), (1.2, 0.8)])
+def test_the_previous_frame_pull_moves_the_next_latents_as_pix2video_does(sigma, sigma_next):
+    """An Euler step with the changed predictions lands on the official update in alpha space:
+    x_{t-1} - weight * grad_{x0} MSE(x0_prev, x0), frame 0 untouched."""
+    from editkit.core.keyframe import previous_frame_pull
+    g = torch.Generator().manual_seed(2)
+    x, denoised = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def euler(d):
+        return x + (sigma_next - sigma) / sigma * (x - d)
+    moved = euler(denoised + previous_frame_pull(denoised, 100.0, sigma, sigma_next))
+    sqrt_a_next = (1.0 + sigma_next ** 2) ** -0.5
+    expected = euler(denoised) * sqrt_a_next                                  # the plain next latent, alpha space
+    for i in (1, 2):
+        x0 = denoised[i].clone().requires_grad_(True)
+        loss = 100.0 * torch.nn.functional.mse_loss(x0, denoised[i - 1])
+        expected[i] = expected[i] - torch.autograd.grad(loss, x0)[0]
+    torch.testing.assert_close(moved * sqrt_a_next, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(previous_frame_pull(denoised, 100.0, sigma, 0.0), torch.zeros_like(denoised))
