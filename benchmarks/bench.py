@@ -337,10 +337,8 @@ def rows_latent_fuser(bench: Bench, pack):
     extra cost per synchronised step on a 6x panorama with stride 1/4 (its paper's 512x3072, stride 16)."""
     import math
     import comfy.sample
-    import folder_paths
-    from safetensors.torch import save_file
-    from editkit.core.lpips import random_lpips
-    from editkit.nodes.latent_fuser import LPIPS_FOLDER, LatentFuserNode, _register_lpips_folder
+    from editkit.nodes.latent_fuser import LatentFuserNode
+    from support.comfy_host import add_random_lpips
     side = bench.latent_hw[0]
     window_px, n = side * 8, bench.steps
 
@@ -394,10 +392,7 @@ def rows_latent_fuser(bench: Bench, pack):
     _, t, peak = timed(bench.device, official_loop)
     yield f"official loop: one window per call", t, peak, official_floor, windows * n
 
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="editkit-lpips-"))
-    save_file(random_lpips(0).state_dict(), str(folder / "random.safetensors"))
-    _register_lpips_folder()
-    folder_paths.add_model_folder_path(LPIPS_FOLDER, str(folder))
+    lpips_file = add_random_lpips(tempfile.mkdtemp(prefix="editkit-lpips-"))
     vae = build_vae(bench.device, torch.float16, bench.device.type != "cuda")
     sync_windows = (6 * side - side) // (side // 4) + 1
     sync_steps = max(1, int(0.2 * n))          # the paper's 10 of 50 (at least one in a short --tiny run)
@@ -405,7 +400,7 @@ def rows_latent_fuser(bench: Bench, pack):
     yield f"panorama 1x6, {sync_windows} windows, batch 8", t_plain, None, \
         math.ceil(sync_windows / 8) * n * bench.unet_eval(16), math.ceil(sync_windows / 8) * n
     for sync_batch in (1, 4):
-        mode = {"mode": "syncdiffusion", "lpips": "random.safetensors", "sync_until": (sync_steps + 0.5) / n,
+        mode = {"mode": "syncdiffusion", "lpips": lpips_file, "sync_until": (sync_steps + 0.5) / n,
                 "sync_weight": 20.0,
                 "sync_decay": 0.95, "sync_every": 1, "sync_batch": sync_batch}
         t, peak = measure(fuser(8, window_px // 4, mode, vae), 6)

@@ -18,6 +18,7 @@ the attention unchanged: a key and value pair seen twice keeps its share of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -71,25 +72,35 @@ class KeyframeAttention(AttentionController):
     def acts_on(self, call: AttentionCall) -> bool:
         if not (self.wants_site(call.site) and call.within(self.start, self.end)):
             return False
-        table = self._table(call.layout.items, call.frames)
-        return any(row != [i] for i, row in enumerate(table))   # not every frame reading only itself
+        table = _item_table(self.mode, self.indices, call.layout.items, call.frames)
+        return any(row != (i,) for i, row in enumerate(table))   # not every frame reading only itself
 
-    def _table(self, items: int, frames: FrameWindow | None) -> list[list[int]]:
-        """Each item's keyframes as item positions; with a frame window, the keyframes of the whole batch, which
-        the window holds for its own frames (frame_windows puts them there). A borrowed keyframe whose own
-        keyframes lie outside the window (Pix2Video's previous frame) reads itself in their place."""
-        if frames is None:
-            return keyframes(self.mode, items, self.indices)
-        table = keyframes(self.mode, frames.total, self.indices)
-        position = {frame: i for i, frame in enumerate(frames.ids)}
-        return [[position.get(f, i) for f in table[frame]] for i, frame in enumerate(frames.ids)]
+    def new_run_state(self):
+        return {}   # (layout, frames, device) -> the rows each batch row reads
 
     def edit_qkv(self, call: AttentionCall, q, k, v):
-        layout = call.layout
-        table = torch.tensor(self._table(layout.items, call.frames), device=k.device)   # (items, keyframes)
-        starts = torch.tensor(layout.group_starts(), device=k.device)              # every chunk and window
-        rows = (starts[:, None, None] + table[None]).reshape(-1, table.shape[1])   # (batch rows, keyframes)
+        key = (call.layout, call.frames, str(k.device))
+        cache = call.state(self)
+        if key not in cache:   # every self-attention call of a run has one of a few layouts
+            layout = call.layout
+            table = torch.tensor(_item_table(self.mode, self.indices, layout.items, call.frames), device=k.device)
+            starts = torch.tensor(layout.group_starts(), device=k.device)              # every chunk and window
+            cache[key] = (starts[:, None, None] + table[None]).reshape(-1, table.shape[1])
+        rows = cache[key]                                                              # (batch rows, keyframes)
         return q, _gather(k, rows), _gather(v, rows)
+
+
+@lru_cache(maxsize=64)
+def _item_table(mode: str, indices: tuple[int, ...], items: int,
+                frames: FrameWindow | None) -> tuple[tuple[int, ...], ...]:
+    """Each item's keyframes as item positions; with a frame window, the keyframes of the whole batch, which
+    the window holds for its own frames (frame_windows puts them there). A borrowed keyframe whose own
+    keyframes lie outside the window (Pix2Video's previous frame) reads itself in their place."""
+    if frames is None:
+        return tuple(tuple(row) for row in keyframes(mode, items, indices))
+    table = keyframes(mode, frames.total, indices)
+    position = {frame: i for i, frame in enumerate(frames.ids)}
+    return tuple(tuple(position.get(f, i) for f in table[frame]) for i, frame in enumerate(frames.ids))
 
 
 def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,14 @@ class SitePatch:
         return self
 
 
+def with_transformer_option(model_options: dict, key: str, value) -> dict:
+    """A copy of `model_options` for one evaluation, with `key` set in its transformer options (which reach
+    every attention call); the run's own options are left as they are."""
+    options = dict(model_options)
+    options["transformer_options"] = {**model_options.get("transformer_options", {}), key: value}
+    return options
+
+
 def _step_of(run: RunState, sigmas, schedule) -> tuple[int, int, float | None]:
     """(step, steps, sigma) of a model evaluation; reads the GPU, so it runs once per evaluation."""
     if sigmas is None:

@@ -39,6 +39,25 @@ def check_context_width(inner, context, name: str) -> None:
                          f"expects {width}; encode the prompt with the CLIP of the same checkpoint")
 
 
+def map_cond_tensors(cond: dict, transform) -> dict:
+    """A copy of one of the sampler's conds whose mask and model-cond tensors went through
+    transform(tensor, name) (name: 'mask' or the model cond's name); transform returns the tensor itself where
+    it does not apply."""
+    cond = cond.copy()
+    if torch.is_tensor(cond.get("mask")):
+        cond["mask"] = transform(cond["mask"], "mask")
+    model_conds = {}
+    for name, value in cond["model_conds"].items():
+        data = getattr(value, "cond", None)
+        if torch.is_tensor(data):
+            changed = transform(data, name)
+            if changed is not data:
+                value = value._copy_with(changed)
+        model_conds[name] = value
+    cond["model_conds"] = model_conds
+    return cond
+
+
 DETERMINISTIC_HINT = "euler, ddim, dpmpp_2m, heun, lms, deis, uni_pc"
 
 

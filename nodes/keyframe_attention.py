@@ -15,7 +15,8 @@ from comfy_api.latest import io
 from ..core.attention import SELF, FrameWindow, parse_layers
 from ..core.keyframe import MODES, KeyframeAttention, frame_windows, previous_frame_pull
 from ..core.schedule import step_index
-from .comfy_attention import FRAME_WINDOW_KEY, attach_controller, attention_sites
+from .comfy_attention import FRAME_WINDOW_KEY, attach_controller, attention_sites, with_transformer_option
+from .host_helpers import map_cond_tensors
 
 CATEGORY = "EditKit/video"
 METHOD_OF_MODE = {"first": "Text2Video-Zero", "first_and_previous": "Pix2Video", "middle": "FateZero",
@@ -74,9 +75,7 @@ class FrameWindows:
         outputs = None
         for ids, kept in windows:
             index = torch.tensor(ids, device=x_in.device)
-            options = dict(model_options)
-            options["transformer_options"] = {**model_options.get("transformer_options", {}),
-                                              FRAME_WINDOW_KEY: FrameWindow(tuple(ids), total)}
+            options = with_transformer_option(model_options, FRAME_WINDOW_KEY, FrameWindow(tuple(ids), total))
             times = timestep[index] if timestep.ndim and timestep.shape[0] == total else timestep
             window_conds = [None if c is None else [_frames_of(entry, index, total) for entry in c] for c in conds]
             out = executor(model, window_conds, x_in[index], times, options)
@@ -110,17 +109,11 @@ class PreviousFramePull:
 
 def _frames_of(cond: dict, index: torch.Tensor, total: int) -> dict:
     """A cond for some frames of the batch: per-frame tensors (a batch of prompts, masks) indexed."""
-    cond = cond.copy()
-    if torch.is_tensor(cond.get("mask")) and cond["mask"].shape[0] == total:
-        cond["mask"] = cond["mask"][index.to(cond["mask"].device)]
-    model_conds = {}
-    for name, value in cond["model_conds"].items():
-        data = getattr(value, "cond", None)
-        if torch.is_tensor(data) and data.shape[0] == total and total > 1:
-            value = value._copy_with(data[index.to(data.device)])
-        model_conds[name] = value
-    cond["model_conds"] = model_conds
-    return cond
+    def pick(tensor, name):
+        if tensor.shape[0] == total and (name == "mask" or total > 1):
+            return tensor[index.to(tensor.device)]
+        return tensor
+    return map_cond_tensors(cond, pick)
 
 
 class KeyframeAttentionNode(io.ComfyNode):

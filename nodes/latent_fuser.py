@@ -18,6 +18,7 @@ first-order samplers: euler, ddim).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -30,7 +31,8 @@ from ..core.lpips import LPIPS, load_lpips
 from ..core.multidiffusion import (Fusion, Window, bootstrap_choices, crop, region_weights, window_layout)
 from ..core.schedule import step_index
 from ..core.syncdiffusion import SyncSettings, anchor_index, shift_correction, sync_shifts
-from .comfy_attention import CONTROLS_KEY, WINDOW_GROUPS_KEY
+from .comfy_attention import CONTROLS_KEY, WINDOW_GROUPS_KEY, with_transformer_option
+from .host_helpers import map_cond_tensors
 from .inversion import autograd_usable_weights
 
 CATEGORY = "EditKit/fusion"
@@ -192,17 +194,18 @@ class LatentFuser:
             batch_conds = [None if c is None else self._window_conds(c, i, windows, run, x_in) for i, c in enumerate(conds)]
             times = timestep.repeat(len(windows) * prompts) if timestep.ndim else timestep
             with _cropped_hints(conds, windows, prompts, x_in):
-                outputs = executor(model, batch_conds, rows, times, _grouped(model_options, len(windows) * prompts))
+                outputs = executor(model, batch_conds, rows, times,
+                                   with_transformer_option(model_options, WINDOW_GROUPS_KEY, len(windows) * prompts))
+            regions = [crop(weights, window) for window in windows]           # (prompts, h, w) each
             for i, out in enumerate(outputs):
                 out = out.reshape(len(windows), prompts, x_in.shape[0], *out.shape[1:])
                 for w, window in enumerate(windows):
-                    region = crop(weights, window)[:, None, None]          # (prompts, 1, 1, h, w)
-                    prediction = (out[w] * region).sum(dim=0)
+                    prediction = (out[w] * regions[w][:, None, None]).sum(dim=0)
                     if moved[w] is not None:
                         prediction = prediction + correction * moved[w]
                     fusion.add(i, window, prediction)
-            for window in windows:
-                fusion.add_weight(window, crop(weights, window).sum(dim=0)[None, None])
+            for window, region in zip(windows, regions):
+                fusion.add_weight(window, region.sum(dim=0)[None, None])
         return fusion.result()
 
     def _sync_shifts(self, executor, model, conds, x_in, timestep, model_options, run: _Run, sigma: float,
@@ -213,11 +216,13 @@ class LatentFuser:
 
         def guided(indices, x):
             chosen = [windows[i] for i in indices]
-            batch_conds = [None if c is None else _detached(self._window_conds(c, i, chosen, run, x_in))
+            batch_conds = [None if c is None else [map_cond_tensors(entry, lambda t, _: t.clone()) for entry in
+                                                   self._window_conds(c, i, chosen, run, x_in)]
                            for i, c in enumerate(conds)]
             times = timestep.clone().repeat(len(chosen)) if timestep.ndim else timestep.clone()
             with _cropped_hints(conds, chosen, 1, x_in):
-                outputs = executor(model, batch_conds, x, times, _grouped(model_options, len(chosen)))
+                outputs = executor(model, batch_conds, x, times,
+                                   with_transformer_option(model_options, WINDOW_GROUPS_KEY, len(chosen)))
             if len(outputs) < 2 or conds[1] is None or run.cfg == 1.0:
                 return outputs[0]
             return outputs[1] + run.cfg * (outputs[0] - outputs[1])
@@ -258,20 +263,18 @@ class LatentFuser:
         per window, and for the positive (index 0) with regions, each prompt's encoding on its rows."""
         prompts = run.weights.shape[0]
         batch = x_in.shape[0]
+
+        def per_window(tensor, name):
+            if name == "mask" or (tensor.ndim == 4 and tuple(tensor.shape[-2:]) == tuple(x_in.shape[-2:])):
+                return _per_row(tensor, windows, prompts, batch)
+            return tensor
         out = []
         for c in conds:
-            c = c.copy()
-            if "mask" in c:
-                c["mask"] = _per_row(c["mask"], windows, prompts, batch)
-            model_conds = dict(c["model_conds"])
-            for name, value in model_conds.items():
-                data = getattr(value, "cond", None)
-                if torch.is_tensor(data) and data.ndim == 4 and tuple(data.shape[-2:]) == tuple(x_in.shape[-2:]):
-                    model_conds[name] = value._copy_with(_per_row(data, windows, prompts, batch))
-            if index == 0 and prompts > 1:
-                template = model_conds["c_crossattn"]
-                model_conds["c_crossattn"] = template._copy_with(self._region_contexts(template.cond, windows, batch))
-            c["model_conds"] = model_conds
+            c = map_cond_tensors(c, per_window)
+            if index == 0 and prompts > 1:   # the positive with regions: each prompt's encoding on its rows
+                template = c["model_conds"]["c_crossattn"]
+                c["model_conds"]["c_crossattn"] = template._copy_with(
+                    self._region_contexts(template.cond, windows, batch))
             out.append(c)
         return out
 
@@ -280,38 +283,9 @@ class LatentFuser:
             raise ValueError("regions: region prompts take a one-prompt positive conditioning (this sampler gives "
                              f"{background.shape[0]} prompts per latent, e.g. an editing guider's pair)")
         contexts = [background] + [r.context.to(background.device, background.dtype) for r in self.regions]
-        length = 1
-        for ctx in contexts:
-            length = length * ctx.shape[1] // _gcd(length, ctx.shape[1])
+        length = math.lcm(*(ctx.shape[1] for ctx in contexts))
         per_prompt = [ctx.repeat(batch, length // ctx.shape[1], 1) for ctx in contexts]   # (batch, L, D) each
         return torch.cat(per_prompt * len(windows))
-
-
-def _grouped(model_options: dict, groups: int) -> dict:
-    """The model options of one evaluation of `groups` windows: the pack's attention controllers pair the rows
-    of each window among themselves (core/attention.py, BatchLayout.groups)."""
-    options = dict(model_options)
-    options["transformer_options"] = {**model_options.get("transformer_options", {}), WINDOW_GROUPS_KEY: groups}
-    return options
-
-
-def _detached(conds: list) -> list:
-    """The conds with their tensors copied out of inference mode, so that autograd may save them."""
-    out = []
-    for c in conds:
-        c = c.copy()
-        c["model_conds"] = {name: value._copy_with(value.cond.clone()) if torch.is_tensor(getattr(value, "cond", None))
-                            else value for name, value in c["model_conds"].items()}
-        if torch.is_tensor(c.get("mask")):
-            c["mask"] = c["mask"].clone()
-        out.append(c)
-    return out
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def _per_row(tensor: torch.Tensor, windows, prompts: int, batch: int) -> torch.Tensor:

@@ -19,3 +19,9 @@ def tiny(host):
     """(MODEL, CLIP, VAE) of the tiny SD1.5-layout checkpoint; fresh clones per module."""
     from support.tiny_models import tiny_checkpoint
     return tiny_checkpoint(seed=0)
+
+
+@pytest.fixture(scope="module")
+def lpips_weights(host, tmp_path_factory):
+    """The file name of random LPIPS weights in a temporary models/lpips folder (SyncDiffusion needs one)."""
+    return comfy_host.add_random_lpips(tmp_path_factory.mktemp("lpips"))

@@ -13,16 +13,7 @@ WORKFLOWS = ["Latent Fuser, panorama.json", "Latent Fuser, 360-degree panorama.j
 LPIPS_FILE = "vgg_lpips.safetensors"   # the name tools/make_lpips_weights.py writes, here with random weights
 
 
-@pytest.fixture(scope="module", autouse=True)
-def lpips_folder(host, tmp_path_factory):
-    import folder_paths
-    from safetensors.torch import save_file
-    from editkit.core.lpips import random_lpips
-    from editkit.nodes.latent_fuser import LPIPS_FOLDER, _register_lpips_folder
-    folder = tmp_path_factory.mktemp("lpips")
-    save_file(random_lpips(0).state_dict(), str(folder / LPIPS_FILE))
-    _register_lpips_folder()
-    folder_paths.add_model_folder_path(LPIPS_FOLDER, str(folder))
+pytestmark = pytest.mark.usefixtures("lpips_weights")   # random LPIPS weights under LPIPS_FILE (conftest)
 
 
 def _prompt(name):
@@ -81,23 +72,25 @@ def test_workflow_runs_and_samples_the_whole_latent(host, name):
     assert len(images) == 1
 
 
+def _change_of_the_fuser_setting(name, change):
+    """Largest difference of the sampled latent between the workflow and the same workflow with its fuser's
+    inputs changed by `change`."""
+    shipped = _latent(prompt := _prompt(name), comfy_host.run_prompt(prompt))
+    changed = _prompt(name)
+    change(changed[comfy_host.node_of(changed, "EditKitLatentFuser")]["inputs"])
+    return (shipped - _latent(changed, comfy_host.run_prompt(changed))).abs().max()
+
+
 def test_the_regions_change_the_panorama_inside_their_masks(host):
-    name = "Latent Fuser, region prompts.json"
-    with_regions = _latent(prompt := _prompt(name), comfy_host.run_prompt(prompt))
-    plain = _prompt(name)
-    fuser = plain[comfy_host.node_of(plain, "EditKitLatentFuser")]["inputs"]
-    for key in [k for k in fuser if k.startswith("regions.")]:
-        del fuser[key]
-    without = _latent(plain, comfy_host.run_prompt(plain))
-    assert (with_regions - without).abs().max() > 1e-3
+    def drop_regions(fuser):
+        for key in [k for k in fuser if k.startswith("regions.")]:
+            del fuser[key]
+    assert _change_of_the_fuser_setting("Latent Fuser, region prompts.json", drop_regions) > 1e-3
 
 
 def test_the_syncdiffusion_workflow_synchronises(host):
-    name = "Latent Fuser, SyncDiffusion panorama.json"
-    synced = _latent(prompt := _prompt(name), comfy_host.run_prompt(prompt))
-    plain = _prompt(name)
-    fuser = plain[comfy_host.node_of(plain, "EditKitLatentFuser")]["inputs"]
-    for key in [k for k in fuser if k.startswith("mode.")]:
-        del fuser[key]
-    fuser["mode"] = "multidiffusion"
-    assert (synced - _latent(plain, comfy_host.run_prompt(plain))).abs().max() > 1e-3
+    def plain_multidiffusion(fuser):
+        for key in [k for k in fuser if k.startswith("mode.")]:
+            del fuser[key]
+        fuser["mode"] = "multidiffusion"
+    assert _change_of_the_fuser_setting("Latent Fuser, SyncDiffusion panorama.json", plain_multidiffusion) > 1e-3

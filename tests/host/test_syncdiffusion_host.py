@@ -3,7 +3,7 @@ algorithm (tests/support/reference_fusion.py, on the diffusers UNet holding the 
 decoder and LPIPS network), weight 0 against MultiDiffusion, and the gradient step bringing every window's
 predicted image closer to the anchor's.
 
-The LPIPS network has random weights written by the test into a temporary models/lpips folder (the real file
+The LPIPS network has random weights written by a fixture into a temporary models/lpips folder (the real file
 comes from tools/make_lpips_weights.py on the user's machine)."""
 import pytest
 import torch
@@ -14,22 +14,9 @@ from support.comfy_host import encode
 SIZE = (16, 40)          # latents: 4 windows of 16 every 8 columns, as the official layout gives them
 STEPS = 4
 CFG = 5.0
-LPIPS_FILE = "random_vgg_lpips.safetensors"
+LPIPS_FILE = "vgg_lpips.safetensors"   # as the conftest fixture lpips_weights writes it
 SYNC = {"mode": "syncdiffusion", "lpips": LPIPS_FILE, "sync_until": 0.5, "sync_weight": 20.0, "sync_decay": 0.95,
         "sync_every": 1, "sync_batch": 2}
-
-
-@pytest.fixture(scope="module")
-def lpips_folder(host, tmp_path_factory):
-    import folder_paths
-    from safetensors.torch import save_file
-    from editkit.core.lpips import random_lpips
-    from editkit.nodes.latent_fuser import LPIPS_FOLDER, _register_lpips_folder
-    folder = tmp_path_factory.mktemp("lpips")
-    save_file(random_lpips(0).state_dict(), str(folder / LPIPS_FILE))
-    _register_lpips_folder()
-    folder_paths.add_model_folder_path(LPIPS_FOLDER, str(folder))
-    return folder
 
 
 def _fuser(model, vae, mode, window_batch=3):
@@ -57,13 +44,13 @@ def setup(tiny):
     return model, clip, vae, sigmas, noise
 
 
-def test_weight_zero_is_multidiffusion_exactly(setup, lpips_folder):
+def test_weight_zero_is_multidiffusion_exactly(setup, lpips_weights):
     model, clip, vae, sigmas, noise = setup
     plain = _run(_fuser(model, vae, {"mode": "multidiffusion"}), clip, noise, sigmas)
     assert torch.equal(_run(_fuser(model, vae, dict(SYNC, sync_weight=0.0)), clip, noise, sigmas), plain)
 
 
-def test_node_matches_the_official_loop(setup, lpips_folder):
+def test_node_matches_the_official_loop(setup, lpips_weights):
     """ComfyUI's ddim sampler through the node against the official SyncDiffusion loop (DDIM in alpha space,
     gradient step on x_t, every view re-evaluated at its moved latent, values averaged)."""
     from editkit.core.lpips import random_lpips
@@ -93,7 +80,7 @@ def test_node_matches_the_official_loop(setup, lpips_folder):
     assert (plain - expected).abs().max().item() > 1e-2 * scale     # the synchronisation changed the result
 
 
-def test_each_sync_step_brings_the_windows_closer_to_the_anchor(setup, lpips_folder, monkeypatch):
+def test_each_sync_step_brings_the_windows_closer_to_the_anchor(setup, lpips_weights, monkeypatch):
     """The node's own closures (guided prediction, decoder, LPIPS): at every synchronised step, every window's
     distance to the anchor's predicted image is smaller at its moved latent than before; the anchor stays."""
     from editkit.nodes import latent_fuser
@@ -120,7 +107,7 @@ def test_each_sync_step_brings_the_windows_closer_to_the_anchor(setup, lpips_fol
             assert after < before
 
 
-def test_sync_checks_its_inputs(setup, lpips_folder):
+def test_sync_checks_its_inputs(setup, lpips_weights):
     from editkit.nodes.latent_fuser import NO_LPIPS, RegionPrompt
     model, clip, vae, _, _ = setup
     with pytest.raises(ValueError, match="vae: syncdiffusion decodes"):
@@ -135,7 +122,7 @@ def test_sync_checks_its_inputs(setup, lpips_folder):
         LatentFuserNode.execute(model, 128, 64, 3, False, SYNC, 0.0, 0, regions={"region_0": region}, vae=vae)
 
 
-def test_the_input_model_and_vae_are_unchanged(setup, lpips_folder):
+def test_the_input_model_and_vae_are_unchanged(setup, lpips_weights):
     model, clip, vae, sigmas, noise = setup
     weights = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
     unet = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}

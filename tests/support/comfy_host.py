@@ -45,6 +45,7 @@ __all__ = [
     "host_dirs",
     "ui_to_api",
     "swap_checkpoint_loader",
+    "add_random_lpips",
     "run_prompt",
     "load_workflow",
     "TinyCheckpointLoader",
@@ -362,6 +363,20 @@ def tiny_prompt(workflow: dict, steps: int, size: int = 64) -> dict:
         elif node["class_type"] == "EditKitNullTextInvert":
             inputs.update(steps=steps, inner_steps=2)
     return prompt
+
+
+def add_random_lpips(folder, name: str = "vgg_lpips.safetensors") -> str:
+    """Random-weight LPIPS (VGG) weights written to `folder` and that folder added to ComfyUI's models/lpips
+    paths, where the Latent Fuser's SyncDiffusion looks (the real file comes from tools/make_lpips_weights.py).
+    Returns the file name the node's `lpips` list shows."""
+    import folder_paths
+    from safetensors.torch import save_file
+    from editkit.core.lpips import random_lpips
+    from editkit.nodes.latent_fuser import LPIPS_FOLDER, _register_lpips_folder
+    save_file(random_lpips(0).state_dict(), str(pathlib.Path(folder) / name))
+    _register_lpips_folder()
+    folder_paths.add_model_folder_path(LPIPS_FOLDER, str(folder))
+    return name
 
 
 def swap_checkpoint_loader(prompt: dict, seed: int = 0) -> dict:
