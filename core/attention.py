@@ -71,51 +71,64 @@ def sites_for_transformers(transformers: Iterable[tuple[str, int, int]]) -> list
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How the rows of a UNet batch map to branches and latent items.
+    """How the rows of a UNet batch map to branches, latent items and frames.
 
     Hosts concatenate the conditional and unconditional passes: rows are `len(chunks)` chunks, chunk c holding
-    branch chunks[c] ("cond" / "uncond"). A chunk holds `groups` groups of `items` rows, group g holding latent
-    items 0..items-1: a batch of windows of one latent (MultiDiffusion) has one group per window, each an
-    independent copy of the items, so controllers pair rows within a group only.
+    branch chunks[c] ("cond" / "uncond"). A chunk holds `groups` windows, each holding `frames` groups of
+    `items` rows, a group holding latent items 0..items-1. A batch of windows of one latent (MultiDiffusion)
+    has one window per group of rows, each an independent copy of the items; a pair run over the frames of a
+    video has one group per frame, holding that frame's source (item 0) and targets. Controllers that pair
+    the source with its targets pair rows within a group only.
     """
     chunks: tuple[str, ...]
     items: int
     groups: int = 1
+    frames: int = 1
 
     @property
     def size(self) -> int:
-        return len(self.chunks) * self.groups * self.items
+        return len(self.chunks) * self.groups * self.frames * self.items
+
+    @property
+    def _per_chunk_groups(self) -> int:
+        return self.groups * self.frames
 
     def rows(self, branch: str | None = None, item: int | None = None) -> list[int]:
-        out = []
-        for c, chunk_branch in enumerate(self.chunks):
-            if branch is not None and chunk_branch != branch:
-                continue
-            for g in range(self.groups):
-                first = (c * self.groups + g) * self.items
-                out.extend(first + i for i in range(self.items) if item is None or i == item)
-        return out
+        return [start + i for start in self.group_starts(branch) for i in range(self.items)
+                if item is None or i == item]
 
     def group_starts(self, branch: str | None = None) -> list[int]:
-        """The first row of every group of every chunk of `branch` (None: all chunks)."""
-        return [(c * self.groups + g) * self.items for c, chunk_branch in enumerate(self.chunks)
-                if branch is None or chunk_branch == branch for g in range(self.groups)]
+        """The first row of every group of paired items (every frame of every window) of every chunk of
+        `branch` (None: all chunks)."""
+        per_chunk = self._per_chunk_groups
+        return [(c * per_chunk + g) * self.items for c, chunk_branch in enumerate(self.chunks)
+                if branch is None or chunk_branch == branch for g in range(per_chunk)]
+
+    def window_starts(self, branch: str | None = None) -> list[int]:
+        """The first row of every window of every chunk of `branch`: its frames follow, `items` rows each."""
+        return self.group_starts(branch)[::self.frames]
 
     def item_of(self, row: int) -> int:
         return row % self.items
 
+    def frame_of(self, row: int) -> int:
+        return (row // self.items) % self.frames
+
     def branch_of(self, row: int) -> str:
-        return self.chunks[row // (self.groups * self.items)]
+        return self.chunks[row // (self._per_chunk_groups * self.items)]
 
     @staticmethod
-    def from_cond_or_uncond(cond_or_uncond: Sequence[int] | None, batch: int, groups: int = 1) -> "BatchLayout":
-        """ComfyUI passes 0 for a conditional chunk and 1 for an unconditional one."""
+    def from_cond_or_uncond(cond_or_uncond: Sequence[int] | None, batch: int, groups: int = 1,
+                            frames: int = 1) -> "BatchLayout":
+        """ComfyUI passes 0 for a conditional chunk and 1 for an unconditional one. `groups` windows and
+        `frames` frames per chunk apply when the batch divides into them."""
         chunks = tuple("uncond" if c == 1 else "cond" for c in cond_or_uncond) if cond_or_uncond else ("cond",)
         if batch % len(chunks):
             return BatchLayout(("cond",), batch)
         per_chunk = batch // len(chunks)
         groups = groups if groups > 1 and per_chunk % groups == 0 else 1
-        return BatchLayout(chunks, per_chunk // groups, groups)
+        frames = frames if frames > 1 and per_chunk % (groups * frames) == 0 else 1
+        return BatchLayout(chunks, per_chunk // (groups * frames), groups, frames)
 
 
 class RunState:

@@ -49,7 +49,8 @@ class Inversion:
     """What editing nodes need to drive a source branch: schedule, trajectory, per-step null embeddings."""
     mode: str
     sigmas: torch.Tensor                          # (N + 1,) descending
-    latents: torch.Tensor                         # (N + 1, C, H, W) latents[i] at sigmas[i]
+    latents: torch.Tensor                         # (N + 1, C, H, W) latents[i] at sigmas[i]; (N + 1, F, C, H, W)
+                                                  # for the F frames of a video
     guidance: float
     uncond_embeddings: torch.Tensor | None = None  # (N, T, D) null-text only: per sampling step
     source_context: torch.Tensor | None = None     # (1, T, D) the source prompt's encoding
@@ -63,6 +64,11 @@ class Inversion:
     @property
     def noised(self) -> torch.Tensor:
         return self.latents[0]
+
+    @property
+    def frames(self) -> int:
+        """How many images were inverted together (the frames of a video); 1 for one image."""
+        return self.latents.shape[1] if self.latents.ndim == 5 else 1
 
 
 def inversion_model_input(x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
@@ -88,15 +94,18 @@ def cfg(eps_c: torch.Tensor, eps_u: torch.Tensor, guidance: float) -> torch.Tens
 @torch.no_grad()
 def ddim_invert(eps_fn: EpsFn, x0: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
                 progress: Progress | None = None) -> torch.Tensor:
-    """DDIM inversion trajectory (guidance 1): tensor (N + 1, C, H, W), [N] = x0, [0] = the noised latent."""
+    """DDIM inversion trajectory (guidance 1): tensor (N + 1, C, H, W), [N] = x0, [0] = the noised latent; x0 of
+    F frames (F, C, H, W) are inverted in one batch into (N + 1, F, C, H, W)."""
     sig = [float(s) for s in sigmas]
     n = len(sig) - 1
     latents = [None] * (n + 1)
     latents[n] = x0
     x = x0
+    batch = x0 if x0.ndim == 4 else x0[None]
+    contexts = context.expand(batch.shape[0], *context.shape[1:])
     for k, i in enumerate(range(n - 1, -1, -1)):
-        eps = eps_fn(inversion_model_input(x, sig[i + 1], sig[i])[None], sig[i], context)[0]
-        x = x + (sig[i] - sig[i + 1]) * eps
+        eps = eps_fn(inversion_model_input(x, sig[i + 1], sig[i]).reshape(batch.shape), sig[i], contexts)
+        x = x + (sig[i] - sig[i + 1]) * eps.reshape(x.shape)
         latents[i] = x
         if progress:
             progress(k + 1, n)

@@ -12,7 +12,8 @@ are taken from its keyframes instead of from itself, so the frames share appeara
 
 Keys and values are only ever read within one chunk (CFG branch) and one window of the batch layout, so
 the conditional frames read conditional keyframes and the unconditional ones unconditional keyframes, as
-the official code does per CFG chunk. Duplicated keyframes (frame 0's [0, 0] in `first_and_previous`) leave
+the official code does per CFG chunk; in a pair run (a video edit: the source clip and its edited clips
+sampled side by side, core/pair.py) each clip's frames read keyframes of their own clip. Duplicated keyframes (frame 0's [0, 0] in `first_and_previous`) leave
 the attention unchanged: a key and value pair seen twice keeps its share of the softmax.
 """
 from __future__ import annotations
@@ -72,7 +73,8 @@ class KeyframeAttention(AttentionController):
     def acts_on(self, call: AttentionCall) -> bool:
         if not (self.wants_site(call.site) and call.within(self.start, self.end)):
             return False
-        table = _item_table(self.mode, self.indices, call.layout.items, call.frames)
+        frames, _ = _frames_and_clips(call)
+        table = _item_table(self.mode, self.indices, frames, call.frames)
         return any(row != (i,) for i, row in enumerate(table))   # not every frame reading only itself
 
     def new_run_state(self):
@@ -82,12 +84,23 @@ class KeyframeAttention(AttentionController):
         key = (call.layout, call.frames, str(k.device))
         cache = call.state(self)
         if key not in cache:   # every self-attention call of a run has one of a few layouts
-            layout = call.layout
-            table = torch.tensor(_item_table(self.mode, self.indices, layout.items, call.frames), device=k.device)
-            starts = torch.tensor(layout.group_starts(), device=k.device)              # every chunk and window
-            cache[key] = (starts[:, None, None] + table[None]).reshape(-1, table.shape[1])
+            frames, clips = _frames_and_clips(call)
+            table = torch.tensor(_item_table(self.mode, self.indices, frames, call.frames), device=k.device)
+            starts = torch.tensor(call.layout.window_starts(), device=k.device)        # every chunk and window
+            clip = torch.arange(clips, device=k.device)
+            # row (window w, frame f, clip c) reads rows (w, keyframe, c)
+            rows = starts[:, None, None, None] + table[None, :, None, :] * clips + clip[None, None, :, None]
+            cache[key] = rows.reshape(-1, table.shape[1])
         rows = cache[key]                                                              # (batch rows, keyframes)
         return q, _gather(k, rows), _gather(v, rows)
+
+
+def _frames_and_clips(call: AttentionCall) -> tuple[int, int]:
+    """(frames, clips) of each window of the batch: a pair run samples a source clip and its edited clips
+    side by side, one group of rows per frame; any other batch is one clip whose items are its frames."""
+    if call.run.pair:
+        return call.layout.frames, call.layout.items
+    return call.layout.items * call.layout.frames, 1
 
 
 @lru_cache(maxsize=64)

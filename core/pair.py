@@ -12,6 +12,10 @@ source row is driven by one of three schemes:
   the photo's inversion whatever the targets do.
 With a `LocalBlend`, from its first step on, each target's prediction is solved so that the step lands on
 the latent the reference blends after the step (`blend_denoised`).
+
+A video is edited the same way, frame by frame in one batch: with `frames` F the batch holds F groups of
+rows, group f holding frame f's source and targets (so pairing controllers pair within a frame), and the
+trajectory holds the inversion of every frame.
 """
 from __future__ import annotations
 
@@ -28,16 +32,21 @@ SOURCE_MODES = ("sampled", "direct", "pinned")
 @dataclass(frozen=True)
 class PairSchedule:
     """The source scheme of a pair run. `trajectory`: the inversion latents (N + 1, C, H, W), latents[i] at
-    schedule[i], needed by `direct` and `pinned`."""
+    schedule[i], or (N + 1, F, C, H, W) for F frames, needed by `direct` and `pinned`. The batch has one group
+    of rows (source, targets) per frame."""
     schedule: tuple[float, ...]
     source: str = "sampled"
     trajectory: torch.Tensor | None = None
+    frames: int = 1
 
     def __post_init__(self):
         if self.source not in SOURCE_MODES:
             raise ValueError(f"source scheme '{self.source}' is not one of {', '.join(SOURCE_MODES)}")
         if self.source != "sampled" and self.trajectory is None:
             raise ValueError(f"the '{self.source}' source scheme needs the inversion's latents")
+        if self.trajectory is not None and (self.trajectory.shape[1] if self.trajectory.ndim == 5 else 1) != self.frames:
+            raise ValueError(f"the trajectory is of {self.trajectory.shape[1] if self.trajectory.ndim == 5 else 1} "
+                             f"frames, the batch of {self.frames}")
 
     @property
     def steps(self) -> int:
@@ -53,24 +62,34 @@ class PairSchedule:
         return self.schedule[step + 1] if self.at_step_start(sigma, step) else None
 
     def _source_denoised(self, step: int, like: torch.Tensor) -> torch.Tensor:
-        return direct_denoised(self.trajectory, self.schedule, step).to(like.device, like.dtype)
+        """(frames, C, H, W): the source rows' predictions that land them on the trajectory's next latents."""
+        denoised = direct_denoised(self.trajectory, self.schedule, step).to(like.device, like.dtype)
+        return denoised.reshape(self.frames, *like.shape[1:])
+
+    def _groups(self, x: torch.Tensor) -> torch.Tensor:
+        """(frames * items, ...) -> (frames, items, ...): one group of rows per frame."""
+        return x.reshape(self.frames, x.shape[0] // self.frames, *x.shape[1:])
 
     def model_input(self, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
-        """The batch the model evaluates: with `pinned`, the source row is the inversion's latent at sigma (the
-        stored one at a schedule step, on the straight path to the next one in between)."""
+        """The batch the model evaluates: with `pinned`, the source rows are the inversion's latents at sigma (the
+        stored ones at a schedule step, on the straight path to the next ones in between)."""
         if self.source != "pinned":
             return x
-        start = self.trajectory[step].to(x.device, x.dtype)
+        start = self.trajectory[step].to(x.device, x.dtype).reshape(self.frames, *x.shape[1:])
         pinned = start if self.at_step_start(sigma, step) else \
             start + (sigma - self.schedule[step]) / self.schedule[step] * (start - self._source_denoised(step, x))
-        return torch.cat([pinned[None], x[1:]])
+        groups = self._groups(x).clone()
+        groups[:, 0] = pinned
+        return groups.reshape(x.shape)
 
     def denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: float, step: int,
                  blend: LocalBlend | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The predictions given to the sampler: the source row's set by its scheme, then the local blend
+        """The predictions given to the sampler: the source rows' set by their scheme, then the local blend
         (`mask` from `blend.update_mask`, None before the blend's first step or before any map)."""
         if self.source != "sampled":
-            out = torch.cat([self._source_denoised(step, out)[None], out[1:]])
+            groups = self._groups(out).clone()
+            groups[:, 0] = self._source_denoised(step, out)
+            out = groups.reshape(out.shape)
         if blend is not None and mask is not None and step >= blend.first_step(self.steps):
-            out = blend_denoised(x, out, mask, sigma, self.next_sigma(sigma, step))
+            out = blend_denoised(x, out, mask, sigma, self.next_sigma(sigma, step), self.frames)
         return out

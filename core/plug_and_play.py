@@ -27,7 +27,7 @@ def inject_source(x: torch.Tensor, layout: BatchLayout, strength: float = 1.0) -
     """Target rows of each group moved towards the group's source row (item 0); strength 1 copies it."""
     if layout.items < 2 or strength == 0 or x.shape[0] != layout.size:
         return x
-    shaped = x.reshape(len(layout.chunks) * layout.groups, layout.items, *x.shape[1:])
+    shaped = x.reshape(-1, layout.items, *x.shape[1:])   # one group of items per row
     source = shaped[:, :1]
     targets = shaped[:, 1:]
     targets = source.expand_as(targets) if strength == 1 else torch.lerp(targets, source.expand_as(targets), strength)

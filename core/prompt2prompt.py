@@ -44,23 +44,24 @@ class PromptKeys:
 
 
 def _word_maps(call: AttentionCall, probs: torch.Tensor, keys: tuple[PromptKeys, ...]) -> torch.Tensor:
-    """(items, h, w): each item's conditional map of its words, averaged over heads, summed over the words."""
+    """(frames * items, h, w): each frame's items' conditional maps of their words, averaged over heads, summed
+    over the words (frame-major, as the rows of a group)."""
     h, w = call.grid
     layout = call.layout
-    maps = torch.zeros((layout.items, h * w), dtype=probs.dtype, device=probs.device)
+    maps = torch.zeros((layout.frames * layout.items, h * w), dtype=probs.dtype, device=probs.device)
     for row in layout.rows("cond"):
         item = layout.item_of(row)
         if item < len(keys) and keys[item].positions:
             token_maps = fold_repeated_context(probs[row].mean(dim=0), keys[item].context_length)
-            maps[item] += token_maps[:, list(keys[item].positions)].sum(dim=-1)
-    return maps.reshape(layout.items, h, w)
+            maps[layout.frame_of(row) * layout.items + item] += token_maps[:, list(keys[item].positions)].sum(dim=-1)
+    return maps.reshape(-1, h, w)
 
 
 class _WordMaps:
     """Sum of the chosen words' cross-attention maps per latent item, over sites and steps."""
 
     def __init__(self):
-        self.sums: torch.Tensor | None = None   # (items, h, w)
+        self.sums: torch.Tensor | None = None   # (frames * items, h, w)
 
     def add(self, call: AttentionCall, probs: torch.Tensor, keys: tuple[PromptKeys, ...]) -> None:
         maps = _word_maps(call, probs, keys)
@@ -108,11 +109,16 @@ class PromptToPrompt(AttentionController):
     self-attention at int(start * N) <= step < int(end * N). `max_tokens` caps the cross-attention layers
     edited (None: every layer, as the reference); `self_max_tokens` the self-attention layers (16x16 in the
     paper's generated-image code, 32x32 in its real-image code).
+
+    `fusion`: FateZero's attention fusion (Qi et al. 2023, sec. 3.2): in the self-attention window the
+    targets keep their own self-attention inside the region of chosen source words and take the source's
+    outside it, M * target + (1 - M) * source, per frame.
     """
     targets: tuple[TargetEdit, ...]
     self_window: tuple[float, float] = (0.0, 0.4)
     max_tokens: int | None = None
     self_max_tokens: int = 16 * 16
+    fusion: "AttentionFusion | None" = None
     _tensors: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -135,7 +141,8 @@ class PromptToPrompt(AttentionController):
         return self._tensors[key]
 
     def new_run_state(self):
-        return {}   # (device, steps, step) -> per target: keys in their cross window (bool tensor) or None
+        # (device, steps, step) -> per target: keys in their cross window (bool tensor) or None; the fusion's maps
+        return {"fusion": _FusionState()}
 
     def _cross_active(self, call: AttentionCall, device) -> list[torch.Tensor | None]:
         cache = call.state(self)
@@ -155,8 +162,13 @@ class PromptToPrompt(AttentionController):
         tokens = call.grid[0] * call.grid[1]
         if call.site.kind == SELF:
             return tokens <= self.self_max_tokens and call.within(*self.self_window)
+        if self.fusion is not None and _is_map_site(call, self.fusion.level) and call.within(0.0, self.self_window[1]):
+            return True   # the fusion's maps
         if self.max_tokens is not None and tokens > self.max_tokens:
             return False
+        return self._in_cross_window(call)
+
+    def _in_cross_window(self, call: AttentionCall) -> bool:
         rows = call.num_steps + 1
         return any(call.within(start, end, rows) for start, end in self._windows)
 
@@ -166,9 +178,19 @@ class PromptToPrompt(AttentionController):
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         probs = probs.clone()
         if call.site.kind == SELF:
+            keep = None if self.fusion is None else self.fusion.region(call, call.state(self)["fusion"])
             for source, targets in pair_rows(call):
-                probs[targets] = probs[source].clone()
+                if keep is None:
+                    probs[targets] = probs[source].clone()
+                else:   # (queries,) of this frame: 1 where the targets keep their own attention
+                    inside = keep[call.layout.frame_of(source)][None, None, :, None].to(probs.dtype)
+                    probs[targets] = inside * probs[targets] + (1 - inside) * probs[source][None]
             return probs
+        if self.fusion is not None and _is_map_site(call, self.fusion.level):
+            self.fusion.record(call, probs, call.state(self)["fusion"])
+            if self.max_tokens is not None and call.grid[0] * call.grid[1] > self.max_tokens \
+                    or not self._in_cross_window(call):
+                return probs
         active = self._cross_active(call, probs.device)
         tables = self._target_tensors(probs.device)
         for source, targets in pair_rows(call):
@@ -191,6 +213,49 @@ class PromptToPrompt(AttentionController):
 
     def _source_length(self) -> int:
         return self.targets[0].token_map.source_length
+
+
+@dataclass
+class _FusionState:
+    evaluation: tuple | None = None      # (step, sigma) of the maps being summed
+    sums: torch.Tensor | None = None     # (frames, h, w) the source words' maps of that evaluation
+    count: int = 0
+    previous: torch.Tensor | None = None  # (frames, h, w) the mean maps of the last evaluation before it
+
+
+@dataclass(frozen=True)
+class AttentionFusion:
+    """FateZero's self-attention fusion mask (Qi et al. 2023; its MaskBlend): from the source prompt's chosen
+    words, their cross-attention maps of the 1/4-resolution layers (16x16 at 512 px) averaged over heads and
+    layers, summed over the words, 3x3 max-pooled, resized (nearest) to the self-attention layer's grid,
+    normalised to a peak of 1 per frame, > threshold. FateZero reads the maps of the inversion at the same
+    step from memory (every map of every step: 100 GB for 8 frames); here the source is sampled next to the
+    targets, and the maps are those of its previous evaluation (before the first one has run, the targets
+    take the source's self-attention everywhere, as plain Prompt-to-Prompt)."""
+    keys: PromptKeys
+    threshold: float = 0.3
+    level: int = BLEND_LEVEL
+
+    def record(self, call: AttentionCall, probs: torch.Tensor, state: _FusionState) -> None:
+        evaluation = (call.step, call.sigma)
+        if state.evaluation != evaluation:
+            if state.sums is not None:
+                state.previous = state.sums / state.count
+            state.evaluation, state.sums, state.count = evaluation, None, 0
+        maps = _word_maps(call, probs, (self.keys,))[::call.layout.items]   # the source row of each frame
+        state.sums = maps if state.sums is None else state.sums + maps
+        state.count += 1
+
+    def region(self, call: AttentionCall, state: _FusionState) -> torch.Tensor | None:
+        """(frames, queries) in {0, 1}: where the targets keep their own self-attention, or None before any map."""
+        maps = state.previous
+        if state.evaluation is not None and state.evaluation != (call.step, call.sigma) and state.sums is not None:
+            maps = state.sums / state.count   # the maps of an evaluation that has finished
+        if maps is None:
+            return None
+        pooled = F.max_pool2d(maps[:, None].float(), kernel_size=3, stride=1, padding=1)
+        resized = F.interpolate(pooled, size=call.grid, mode="nearest")
+        return (normalise_per_map(resized) > self.threshold).flatten(1)
 
 
 @dataclass
@@ -255,11 +320,13 @@ class LocalBlend(AttentionController):
             maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
         maps = F.interpolate(maps, size=tuple(latent_hw), mode="nearest")
         inside = normalise_per_map(maps) > threshold
-        inside = inside & _has_words(keys, inside.device)[:, None, None, None]
-        return inside[:1] | inside[1:]
+        per_frame = inside.reshape(-1, len(keys), *inside.shape[1:])                 # (frames, items, 1, H, W)
+        per_frame = per_frame & _has_words(keys, inside.device)[None, :, None, None, None]
+        return (per_frame[:, :1] | per_frame[:, 1:]).flatten(0, 1)
 
     def update_mask(self, state: _BlendState, latent_hw: tuple[int, int]) -> torch.Tensor | None:
-        """The mask of this step from the maps recorded so far: (targets, 1, H, W) float, None before any map."""
+        """The mask of this step from the maps recorded so far: (frames * targets, 1, H, W) float (each frame's
+        targets, frame-major), None before any map."""
         if state.words.sums is None:
             return None
         mask = self._region(state.words.sums, self.keys, self.threshold, True, latent_hw)
@@ -270,33 +337,37 @@ class LocalBlend(AttentionController):
 
 
 def blend_denoised(x: torch.Tensor, denoised: torch.Tensor, mask: torch.Tensor, sigma: float,
-                   sigma_next: float | None) -> torch.Tensor:
+                   sigma_next: float | None, frames: int = 1) -> torch.Tensor:
     """Denoised predictions whose first-order step lands each target on the blended latent.
 
-    x, denoised: (items, C, H, W), the source first; mask: (targets, 1, H, W) in {0, 1}. The reference blends
-    the latents after the sampler's step: x_next = x_next_source + mask * (x_next_target - x_next_source).
-    An Euler / DDIM step x_next = x + (sigma_next - sigma) / sigma * (x - D) lands there exactly when each
-    target's D is solved from it; inside the mask that is the target's own D, and outside, where the target
-    already sits on the source, the source's D. Without a `sigma_next` (an evaluation between two schedule
-    steps, as second-order samplers make) the predictions themselves are blended.
+    x, denoised: (frames * items, C, H, W), each frame's source first; mask: (frames * targets, 1, H, W) in
+    {0, 1}. The reference blends the latents after the sampler's step: x_next = x_next_source + mask *
+    (x_next_target - x_next_source). An Euler / DDIM step x_next = x + (sigma_next - sigma) / sigma * (x - D)
+    lands there exactly when each target's D is solved from it; inside the mask that is the target's own D,
+    and outside, where the target already sits on the source, the source's D. Without a `sigma_next` (an
+    evaluation between two schedule steps, as second-order samplers make) the predictions themselves are
+    blended.
     """
-    inside = mask.to(x.device) > 0.5
-    source_d, target_d = denoised[:1], denoised[1:]
+    groups = lambda t: t.reshape(frames, t.shape[0] // frames, *t.shape[1:])   # noqa: E731
+    inside = groups(mask.to(x.device) > 0.5)
+    d = groups(denoised)
+    source_d, target_d = d[:, :1], d[:, 1:]
     if sigma_next is None or sigma_next == 0.0:
         # the last step returns D itself
-        return torch.cat([source_d, torch.where(inside, target_d, source_d)])
+        return torch.cat([source_d, torch.where(inside, target_d, source_d)], dim=1).reshape(denoised.shape)
     rate = (sigma_next - sigma) / sigma
-    source_x, target_x = x[:1].to(denoised.dtype), x[1:].to(denoised.dtype)
+    xs = groups(x.to(denoised.dtype))
+    source_x, target_x = xs[:, :1], xs[:, 1:]
     source_next = source_x + rate * (source_x - source_d)
     solved = target_x - (source_next - target_x) / rate          # lands target_x on source_next
     outside = torch.where(target_x == source_x, source_d, solved)
-    return torch.cat([source_d, torch.where(inside, target_d, outside)])
+    return torch.cat([source_d, torch.where(inside, target_d, outside)], dim=1).reshape(denoised.shape)
 
 
 @dataclass
 class _MutualState:
     evaluation: tuple | None = None    # (step, sigma) of the maps below
-    sums: torch.Tensor | None = None   # (items, h, w) this evaluation's word maps summed over the 16x16 layers
+    sums: torch.Tensor | None = None   # (frames * items, h, w) this evaluation's word maps over the 16x16 layers
     count: int = 0
 
 
@@ -383,21 +454,20 @@ class MutualSelfAttention(AttentionController):
         if call.site.kind == CROSS:
             self._record(call, probs)
             return probs
-        foreground = self._foreground(call, probs.device)   # (items, tokens) bool
+        foreground = self._foreground(call, probs.device)   # (frames * items, tokens) bool
         probs = probs.clone()
-        layout = call.layout
+        group = call.layout.frames * call.layout.items
         for source, targets in pair_rows(call, branch=None):
             for row in targets:
-                probs[row] = _split_attention(probs[row], foreground[layout.item_of(source)],
-                                              foreground[layout.item_of(row)])
+                probs[row] = _split_attention(probs[row], foreground[source % group], foreground[row % group])
         return probs
 
     def _foreground(self, call: AttentionCall, device) -> torch.Tensor:
-        """Each item's foreground at this layer's token grid: the source's (item 0) selects keys, a target's
-        its queries."""
+        """Each frame's items' foreground at this layer's token grid (frame-major): the source's (item 0) selects
+        keys, a target's its queries."""
         if self.masks is not None:
             source, target = (m.to(device)[None] for m in self.masks)
-            maps = torch.cat([source] + [target] * (call.layout.items - 1))
+            maps = torch.cat([source] + [target] * (call.layout.items - 1)).repeat(call.layout.frames, 1, 1)
             threshold = 0.5
         else:
             maps = _min_max(self._step_maps(call))

@@ -10,7 +10,8 @@ import torch
 from comfy_api.latest import io
 
 from ..core.attention import parse_layers
-from ..core.prompt2prompt import LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt, TargetEdit
+from ..core.prompt2prompt import (AttentionFusion, LocalBlend, MutualSelfAttention, PromptKeys, PromptToPrompt,
+                                  TargetEdit)
 from ..core.tokens import (AlignmentError, PromptTokens, UnknownWordError, find_word_positions, parse_word_values,
                            parse_word_windows, prompt_words, refinement_alignment, split_words, swap_alignment,
                            word_positions)
@@ -25,6 +26,7 @@ PROMPT_TO_PROMPT = ("word_swap", "refine", "reweight")
 EDITS = PROMPT_TO_PROMPT + ("masactrl",)
 MASACTRL_KV = ("source", "source_and_target")
 MAX_EXTRA_TARGETS = 7
+FusionType = io.Custom("EDITKIT_ATTENTION_FUSION")
 
 
 class _Prompt:
@@ -185,6 +187,9 @@ class AttentionControllerNode(io.ComfyNode):
                                       prefix="target_", min=0, max=MAX_EXTRA_TARGETS),
                                   tooltip="More target prompts, each edited like target_prompt in the same run "
                                           "(connect text nodes)."),
+                FusionType.Input("fusion", optional=True,
+                                 tooltip="From 'Attention Fusion (FateZero)': the targets keep their own "
+                                         "self-attention inside the region of words of the source prompt."),
             ],
             outputs=[io.Guider.Output(tooltip="Samples the source (first) and each target together: connect it to "
                                               "SamplerCustomAdvanced with a one-image latent.")],
@@ -192,7 +197,7 @@ class AttentionControllerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, source_prompt, target_prompt, negative_prompt, edit, cfg, inversion=None,
-                more_targets=None) -> io.NodeOutput:
+                more_targets=None, fusion=None) -> io.NodeOutput:
         inner = require_sd_unet(model)
         settings = dict(edit)
         kind = settings.pop("edit", None)
@@ -213,9 +218,12 @@ class AttentionControllerNode(io.ComfyNode):
 
         local_blend = None
         if kind == "masactrl":
+            if fusion is not None:
+                raise ValueError("fusion: the attention fusion blends Prompt-to-Prompt's self-attention "
+                                 "replacement; choose word_swap, refine or reweight, or disconnect it")
             controllers = [_masactrl(model, prompts, settings)]
         else:
-            controllers = [_prompt_to_prompt(kind, source, targets, settings)]
+            controllers = [_prompt_to_prompt(kind, source, targets, settings, _fusion(source, fusion))]
             local_blend = _local_blend(prompts, settings)
             if local_blend is not None:
                 controllers.append(local_blend)
@@ -236,7 +244,24 @@ def _window(settings: dict, name: str) -> tuple[float, float]:
     return start, end
 
 
-def _prompt_to_prompt(kind: str, source: _Prompt, targets: list[_Prompt], settings: dict) -> PromptToPrompt:
+def _fusion(source: _Prompt, settings: dict | None) -> AttentionFusion | None:
+    if settings is None:
+        return None
+    words = split_words(settings["words"])
+    if not words:
+        raise ValueError("fusion: name at least one word of the source prompt (its region keeps the edit)")
+    positions = set()
+    for word in words:
+        found = source.find(word)
+        if not found:
+            raise ValueError(f"fusion: the word '{word}' is not in the source_prompt ({source.words()}); the fusion's "
+                             f"region comes from the source's attention to its words")
+        positions.update(found)
+    return AttentionFusion(PromptKeys(source.tokens.context_length, tuple(sorted(positions))), settings["threshold"])
+
+
+def _prompt_to_prompt(kind: str, source: _Prompt, targets: list[_Prompt], settings: dict,
+                      fusion: AttentionFusion | None = None) -> PromptToPrompt:
     reweight = parse_word_values(settings["reweight"], "reweight", -10.0, 10.0)
     if kind == "reweight" and not reweight:
         raise ValueError("reweight: the reweight edit needs at least one 'word: factor', e.g. 'red: 2'")
@@ -252,7 +277,7 @@ def _prompt_to_prompt(kind: str, source: _Prompt, targets: list[_Prompt], settin
     return PromptToPrompt(targets=tuple(TargetEdit(m, w, e) for m, w, e in zip(maps, windows, equalizers)),
                           self_window=_window(settings, "self_replace"),
                           max_tokens=cross_cap * cross_cap if cross_cap > 0 else None,
-                          self_max_tokens=self_cap * self_cap)
+                          self_max_tokens=self_cap * self_cap, fusion=fusion)
 
 
 def _local_blend(prompts: list[_Prompt], settings: dict) -> LocalBlend | None:
@@ -309,4 +334,33 @@ def _masactrl(model, prompts: list[_Prompt], settings: dict) -> MutualSelfAttent
                                masks=masks, union=union)
 
 
-NODES = [AttentionControllerNode]
+class AttentionFusionNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitAttentionFusion",
+            display_name="Attention Fusion (FateZero)",
+            category=CATEGORY,
+            description="FateZero's attention fusion (Qi et al. 2023) for a Prompt-to-Prompt edit: during the "
+                        "self-attention replacement the edited image keeps its own self-attention inside the "
+                        "region of the named source words and takes the source's outside it, so the edit "
+                        "changes the subject and keeps the rest (for videos: per frame). Connect it to the "
+                        "Attention Controller's 'fusion' input; raise self_max_resolution to 32 (FateZero's layers).",
+            inputs=[
+                io.String.Input("words", default="",
+                                tooltip="Words of the source prompt whose region may change, e.g. 'car'."),
+                io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Threshold of the words' max-pooled, per-frame normalised attention "
+                                       "(FateZero: 0.3)."),
+            ],
+            outputs=[FusionType.Output(tooltip="For the Attention Controller's 'fusion' input.")],
+        )
+
+    @classmethod
+    def execute(cls, words, threshold) -> io.NodeOutput:
+        if not split_words(words):
+            raise ValueError("words: name at least one word of the source prompt (its region keeps the edit)")
+        return io.NodeOutput({"words": words, "threshold": float(threshold)})
+
+
+NODES = [AttentionControllerNode, AttentionFusionNode]

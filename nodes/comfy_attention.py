@@ -34,6 +34,9 @@ WRAPPER_KEY = "editkit_attention"
 WINDOW_GROUPS_KEY = "editkit_window_groups"
 # Set by Keyframe Attention's frame windows: which frames of the batch an evaluation holds (core FrameWindow).
 FRAME_WINDOW_KEY = "editkit_frame_window"
+# Set by the pair guider on the evaluations of a video edit: how many frames (groups of the batch layout, each
+# holding that frame's source and targets) each chunk of the batch holds.
+FRAMES_KEY = "editkit_frames"
 
 
 class UnsupportedModelError(ValueError):
@@ -163,7 +166,7 @@ def call_from_options(site: AttentionSite, q, extra_options: dict, run: RunState
     grid = (int(shape[-2]), int(shape[-1])) if shape is not None else (q.shape[1], 1)
     step, num_steps, sigma = _current_step(run, extra_options)
     layout = BatchLayout.from_cond_or_uncond(extra_options.get("cond_or_uncond"), q.shape[0],
-                                             extra_options.get(WINDOW_GROUPS_KEY, 1))
+                                             extra_options.get(WINDOW_GROUPS_KEY, 1), extra_options.get(FRAMES_KEY, 1))
     original = extra_options.get("original_shape")
     latent_hw = (int(original[-2]), int(original[-1])) if original is not None and len(original) == 4 else None
     return AttentionCall(site=site, heads=extra_options["n_heads"], step=step, num_steps=num_steps, grid=grid,
@@ -212,7 +215,7 @@ class _FeatureHook:
     def __call__(self, module, args, output):
         step, num_steps, sigma = _current_step(self.run, self.options)
         layout = BatchLayout.from_cond_or_uncond(self.options.get("cond_or_uncond"), output.shape[0],
-                                                 self.options.get(WINDOW_GROUPS_KEY, 1))
+                                                 self.options.get(WINDOW_GROUPS_KEY, 1), self.options.get(FRAMES_KEY, 1))
         call = FeatureCall(site=self.site, step=step, num_steps=num_steps, layout=layout, run=self.run,
                            sigma=sigma, latent_hw=self.latent_hw)
         return controlled_features(call, output, self.controls.controllers)

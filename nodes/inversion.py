@@ -102,7 +102,8 @@ class NullTextInvert(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The source prompt: a description of the photo."),
                 io.Conditioning.Input("negative", tooltip="Usually an empty prompt: the unconditional encoding "
                                                           "(null-text starts its optimisation from it)."),
-                io.Latent.Input("latent", tooltip="The photo through VAE Encode (one image)."),
+                io.Latent.Input("latent", tooltip="The photo through VAE Encode, or the frames of a video (a batch, "
+                                                  "inverted together; not with null_text)."),
                 io.Combo.Input("mode", options=list(MODES), default="direct",
                                tooltip="Inversion method; see the node description."),
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps of the inversion; sample "
@@ -132,9 +133,14 @@ class NullTextInvert(io.ComfyNode):
                 learning_rate, early_stop) -> io.NodeOutput:
         inner = require_sd_unet(model)
         samples = latent["samples"]
-        if samples.ndim != 4 or samples.shape[0] != 1:
-            raise ValueError(f"latent: invert one image at a time; got a batch of {samples.shape[0]}"
-                             if samples.ndim == 4 else f"latent: expected an image latent, got shape {tuple(samples.shape)}")
+        if samples.is_nested or samples.ndim != 4:
+            raise ValueError(f"latent: expected an image latent or a batch of video frames, got shape "
+                             f"{tuple(samples.shape)}")
+        frames = samples.shape[0]
+        if frames > 1 and mode == "null_text":
+            raise ValueError(f"mode: null_text optimises one image at a time, and this latent holds {frames} "
+                             f"frames; invert a video with direct (exact, and as fast as ddim), ddim or "
+                             f"negative_prompt")
         channels = inner.latent_format.latent_channels
         if samples.shape[1] != channels:
             raise ValueError(f"latent: {samples.shape[1]} channels but this model's latents have {channels}; "
@@ -153,7 +159,8 @@ class NullTextInvert(io.ComfyNode):
         total = steps * (2 if mode == "null_text" else 1)
         bar = comfy.utils.ProgressBar(total)
         with torch.inference_mode(False):
-            x0 = inner.process_latent_in(samples.clone()).to(eps.device, torch.float32)[0]
+            x0 = inner.process_latent_in(samples.clone()).to(eps.device, torch.float32)
+            x0 = x0[0] if frames == 1 else x0   # a video's frames are inverted in one batch
             cond_d = cond.clone().to(eps.device)
             uncond_d = uncond.clone().to(eps.device)
             sig = sigmas.clone()
@@ -177,7 +184,7 @@ class NullTextInvert(io.ComfyNode):
                                         "latent_scale": float(inner.latent_format.scale_factor),
                                         "latent_shift": float(getattr(inner.latent_format, "shift_factor", 0.0)),
                                         **{k: v for k, v in stats.items() if k != "losses"}})
-        noised = {"samples": inner.process_latent_out(latents[0:1].clone())}
+        noised = {"samples": inner.process_latent_out(latents[0].reshape(samples.shape).clone())}
         return io.NodeOutput(noised, inversion, sigmas.clone())
 
 
@@ -200,6 +207,10 @@ class InversionCFGGuider(comfy.samplers.CFGGuider):
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
         check_inversion_sampling(self.inversion, noise, sampler, sigmas)
+        frames = self.inversion.frames
+        if frames > 1 and latent_image.shape[0] != frames:
+            raise ValueError(f"latent: the inversion is of {frames} frames but the latent holds "
+                             f"{latent_image.shape[0]}; sample the inversion's noised_latent")
         return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -207,7 +218,7 @@ class InversionCFGGuider(comfy.samplers.CFGGuider):
         if self.inversion.mode == "direct" and self.follows_source:
             latents = self.inversion.latents
             target = direct_denoised(latents, self.schedule, step).to(x.device, x.dtype)
-            return target[None].expand_as(x).clone()
+            return target.reshape(-1, *x.shape[1:]).expand_as(x).clone()
         return comfy.samplers.sampling_function(self.inner_model, x, timestep,
                                                 inversion_negative(self.conds, self.inversion, step),
                                                 self.conds.get("positive"), self.cfg, model_options=model_options,
@@ -335,7 +346,7 @@ class LoadInversion(io.ComfyNode):
         # stored in the model's latent space; a LATENT is in the VAE's (what the model's process_latent_out gives)
         scale = float(inversion.metadata.get("latent_scale", 1.0))
         shift = float(inversion.metadata.get("latent_shift", 0.0))
-        noised = {"samples": inversion.latents[0:1].clone() / scale + shift}
+        noised = {"samples": inversion.latents[0].reshape(-1, *inversion.latents.shape[-3:]).clone() / scale + shift}
         return io.NodeOutput(noised, inversion, inversion.sigmas.clone())
 
 

@@ -15,8 +15,9 @@ from comfy_api.latest import io
 from ..core.attention import SELF, FrameWindow, parse_layers
 from ..core.keyframe import MODES, KeyframeAttention, frame_windows, previous_frame_pull
 from ..core.schedule import step_index
-from .comfy_attention import FRAME_WINDOW_KEY, attach_controller, attention_sites, with_transformer_option
+from .comfy_attention import FRAME_WINDOW_KEY, FRAMES_KEY, attach_controller, attention_sites, with_transformer_option
 from .host_helpers import map_cond_tensors
+from .pair_guider import clips_first
 
 CATEGORY = "EditKit/video"
 METHOD_OF_MODE = {"first": "Text2Video-Zero", "first_and_previous": "Pix2Video", "middle": "FateZero",
@@ -64,8 +65,11 @@ class FrameWindows:
     size: int
 
     def __call__(self, executor, model, conds, x_in, timestep, model_options):
-        total = x_in.shape[0]
-        windows = frame_windows(self.controller.mode, total, self.size, self.controller.indices)
+        rows = x_in.shape[0]
+        paired = model_options.get("transformer_options", {}).get(FRAMES_KEY)
+        frames = rows if paired is None else paired
+        items = rows // frames   # a pair run (an edit) has one group of rows per frame
+        windows = frame_windows(self.controller.mode, frames, self.size, self.controller.indices)
         if len(windows) == 1:
             return executor(model, conds, x_in, timestep, model_options)
         for entries in conds:
@@ -73,16 +77,19 @@ class FrameWindows:
                 raise ValueError("frame_window: a ControlNet does not combine with frame windows yet; set "
                                  "frame_window to 0")
         outputs = None
+        group = torch.arange(items, device=x_in.device)
         for ids, kept in windows:
-            index = torch.tensor(ids, device=x_in.device)
-            options = with_transformer_option(model_options, FRAME_WINDOW_KEY, FrameWindow(tuple(ids), total))
-            times = timestep[index] if timestep.ndim and timestep.shape[0] == total else timestep
-            window_conds = [None if c is None else [_frames_of(entry, index, total) for entry in c] for c in conds]
+            index = (torch.tensor(ids, device=x_in.device)[:, None] * items + group).flatten()
+            options = with_transformer_option(model_options, FRAME_WINDOW_KEY, FrameWindow(tuple(ids), frames))
+            if paired is not None:
+                options = with_transformer_option(options, FRAMES_KEY, len(ids))
+            times = timestep[index] if timestep.ndim and timestep.shape[0] == rows else timestep
+            window_conds = [None if c is None else [_frames_of(entry, index, rows) for entry in c] for c in conds]
             out = executor(model, window_conds, x_in[index], times, options)
             if outputs is None:
                 outputs = [torch.zeros_like(x_in) for _ in out]
             for full, part in zip(outputs, out):
-                full[index[kept:]] = part[kept:]
+                full[index[kept * items:]] = part[kept * items:]
         return outputs
 
 
@@ -103,7 +110,13 @@ class PreviousFramePull:
         step = step_index(sigma, sigmas)
         if step >= int(self.until * (len(sigmas) - 1)) or step + 1 >= len(sigmas):
             return denoised
-        change = previous_frame_pull(denoised.float(), self.weight, sigma, sigmas[step + 1])
+        frames = args["model_options"].get("transformer_options", {}).get(FRAMES_KEY)
+        if frames is None:
+            change = previous_frame_pull(denoised.float(), self.weight, sigma, sigmas[step + 1])
+        else:   # a pair run: one group of rows per frame; each clip pulled along its own frames
+            clips = clips_first(denoised.float(), frames).reshape(-1, frames, *denoised.shape[1:])
+            change = torch.stack([previous_frame_pull(c, self.weight, sigma, sigmas[step + 1]) for c in clips])
+            change = clips_first(change.flatten(0, 1), change.shape[0])   # back to groups per frame
         return denoised + change.to(denoised.dtype)
 
 

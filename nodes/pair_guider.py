@@ -2,9 +2,11 @@
 
 Editing nodes (attention control, feature injection) patch the model with controllers that read the
 source row and write the target rows of each UNet call; this guider makes the batch they expect from a
-one-image LATENT:
+LATENT of one image, or of the F frames of a video (each frame then gets its own group of rows, source and
+targets, and the output holds the source clip followed by each edited clip):
 - every item starts from the same latent and noise, and stochastic samplers get one noise shared by all
-  items, so the items differ only where the edit makes them differ (Prompt-to-Prompt keeps x_T fixed);
+  items of a frame, so the items differ only where the edit makes them differ (Prompt-to-Prompt keeps x_T
+  fixed);
 - per-item prompts travel as one conditioning with a batch of contexts (ComfyUI repeats a conditioning to
   the latent batch, and keeps a batch that already matches), repeated to a common length when prompts
   span a different number of 77-token chunks; the targets may have their own negative prompt, and the
@@ -30,7 +32,7 @@ from ..core.inversion import Inversion
 from ..core.pair import PairSchedule
 from ..core.prompt2prompt import LocalBlend
 from ..core.schedule import step_index
-from .comfy_attention import RUN_KEY, evaluation
+from .comfy_attention import FRAMES_KEY, RUN_KEY, evaluation, with_transformer_option
 from .host_helpers import check_inversion_sampling, inversion_negative, replace_context
 
 
@@ -43,7 +45,8 @@ def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def shared_noise_sampler(sampler, items: int):
-    """The same KSAMPLER, but its fresh noise (SDE / ancestral samplers) is drawn once and given to all items."""
+    """The same KSAMPLER, but its fresh noise (SDE / ancestral samplers) is drawn once per frame and given to all
+    the frame's `items` rows (the batch holds one group of `items` rows per frame)."""
     function = getattr(sampler, "sampler_function", None)
     if function is None or "noise_sampler" not in inspect.signature(function).parameters:
         return sampler
@@ -52,17 +55,22 @@ def shared_noise_sampler(sampler, items: int):
     def with_shared_noise(model, x, sigmas, *args, extra_args=None, noise_sampler=None, **kwargs):
         if noise_sampler is None:
             seed = (extra_args or {}).get("seed")
-            first = x[:1]
+            frames = x[::items]
             if brownian:
                 positive = sigmas[sigmas > 0]
-                one = k_sampling.BrownianTreeNoiseSampler(first, positive.min(), sigmas.max(), seed=seed, cpu=True)
+                one = k_sampling.BrownianTreeNoiseSampler(frames, positive.min(), sigmas.max(), seed=seed, cpu=True)
             else:
-                one = k_sampling.default_noise_sampler(first, seed=seed)
-            noise_sampler = lambda sigma, sigma_next: one(sigma, sigma_next).expand_as(x)  # noqa: E731
+                one = k_sampling.default_noise_sampler(frames, seed=seed)
+            noise_sampler = lambda sigma, sigma_next: one(sigma, sigma_next).repeat_interleave(items, 0)  # noqa: E731
         return function(model, x, sigmas, *args, extra_args=extra_args, noise_sampler=noise_sampler, **kwargs)
 
     with_shared_noise.__name__ = function.__name__
     return comfy.samplers.KSAMPLER(with_shared_noise, sampler.extra_options, sampler.inpaint_options)
+
+
+def clips_first(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(frames * items, ...) in groups per frame -> (items * frames, ...): each item's clip, the source's first."""
+    return x.reshape(frames, x.shape[0] // frames, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
 class PairCFGGuider(comfy.samplers.CFGGuider):
@@ -104,23 +112,26 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
-        if latent_image.is_nested or latent_image.shape[0] != 1:
-            raise ValueError(f"latent: the edit samples one image (the guider makes the source and target batch "
-                             f"from it); got a batch of {latent_image.shape[0]}")
+        if latent_image.is_nested or latent_image.ndim != 4:
+            raise ValueError(f"latent: the edit samples an image latent or a batch of video frames, got shape "
+                             f"{tuple(latent_image.shape)}")
         if denoise_mask is not None:
             raise ValueError("latent: masked latents (Set Latent Noise Mask, inpainting) are not supported by "
                              "the edit; use the local blend words to confine it")
+        frames = latent_image.shape[0]
         if self.inversion is not None:
             check_inversion_sampling(self.inversion, noise, sampler, sigmas)
-            if tuple(latent_image.shape[1:]) != tuple(self.inversion.latents.shape[1:]):
-                raise ValueError(f"latent: shape {tuple(latent_image.shape[1:])} but the inversion is of a "
-                                 f"{tuple(self.inversion.latents.shape[1:])} latent; use its noised_latent")
+            inverted = self.inversion.latents.shape
+            if self.inversion.frames != frames or tuple(latent_image.shape[1:]) != tuple(inverted[-3:]):
+                raise ValueError(f"latent: {frames} latent(s) of shape {tuple(latent_image.shape[1:])} but the "
+                                 f"inversion is of {self.inversion.frames} of shape {tuple(inverted[-3:])}; "
+                                 f"sample its noised_latent")
         scheme = self._source_scheme()
         self.pair = PairSchedule(tuple(float(s) for s in sigmas.flatten().tolist()), scheme,
-                                 None if scheme == "sampled" else self.inversion.latents)
-        repeat = (self.items,) + (1,) * (latent_image.ndim - 1)
-        return super().sample(noise.repeat(repeat), latent_image.repeat(repeat), shared_noise_sampler(sampler, self.items),
-                              sigmas, None, callback, disable_pbar, seed)
+                                 None if scheme == "sampled" else self.inversion.latents, frames)
+        samples = super().sample(noise.repeat_interleave(self.items, 0), latent_image.repeat_interleave(self.items, 0),
+                                 shared_noise_sampler(sampler, self.items), sigmas, None, callback, disable_pbar, seed)
+        return clips_first(samples, frames)
 
     def _negative(self, step: int):
         """The unconditional conds of the batch: the inversion's at this step (or the user's negative); the
@@ -155,6 +166,8 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
         if run is not None:
             run.pair = True   # the controllers may copy the source row into the target rows
         step, sigma = self._evaluation(timestep, model_options)
+        # the controllers pair rows within each frame's group
+        model_options = with_transformer_option(model_options, FRAMES_KEY, self.pair.frames)
         out = comfy.samplers.sampling_function(self.inner_model, self.pair.model_input(x, sigma, step), timestep,
                                                self._negative(step), self.conds.get("positive"), self.cfg,
                                                model_options=model_options, seed=seed)

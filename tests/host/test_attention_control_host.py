@@ -214,9 +214,25 @@ def test_an_inversion_of_another_prompt_is_refused(tiny):
         _guider(tiny, inversion=inversion)
 
 
-def test_a_latent_batch_is_refused(tiny):
-    with pytest.raises(ValueError, match="latent: the edit samples one image"):
-        _sample(_guider(tiny), tiny[0], latent=torch.zeros(2, 4, *SIZE))
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_a_batch_of_latents_is_edited_as_each_alone_and_returned_clip_by_clip(tiny, sampler):
+    """A latent batch is the frames of a video: without keyframe attention each frame gets what the one-image
+    edit of it gives, the source frames first."""
+    import comfy.samplers
+    model = tiny[0]
+    g = torch.Generator().manual_seed(3)
+    latents, noise = torch.randn(2, 2, 4, *SIZE, generator=g)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS).cpu()
+
+    def edit(latent, noise_):
+        return _guider(tiny).sample(noise_, latent, comfy.samplers.sampler_object(sampler), sigmas,
+                                    disable_pbar=True, seed=0)
+
+    both = edit(latents, noise)
+    for f in range(2):
+        alone = edit(latents[f:f + 1], noise[f:f + 1])
+        for item in range(2):
+            assert (both[item * 2 + f] - alone[item]).abs().max() <= 1e-4 * alone.abs().max()
 
 
 def test_the_defaults_are_the_papers(host):

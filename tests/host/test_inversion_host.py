@@ -104,8 +104,8 @@ def test_bad_latents_are_clear_errors(host):
     empty = comfy_host.encode(clip, "")
     args = dict(mode="direct", steps=4, scheduler="normal", guidance=7.5, inner_steps=0, learning_rate=0.01,
                 early_stop=1e-5)
-    with pytest.raises(ValueError, match="latent: invert one image at a time"):
-        inversion_nodes.NullTextInvert.execute(model, cond, empty, {"samples": torch.zeros(2, 4, 8, 8)}, **args)
+    with pytest.raises(ValueError, match="latent: expected an image latent or a batch of video frames"):
+        inversion_nodes.NullTextInvert.execute(model, cond, empty, {"samples": torch.zeros(2, 4, 2, 8, 8)}, **args)
     with pytest.raises(ValueError, match="latent: 16 channels but this model's latents have 4"):
         inversion_nodes.NullTextInvert.execute(model, cond, empty, {"samples": torch.zeros(1, 16, 8, 8)}, **args)
     wide = [[torch.zeros(1, 77, 768), {}]]

@@ -31,7 +31,7 @@ def attention_controller(model, clip, edit: str = "refine", **overrides):
     """The Attention Controller's GUIDER for these settings: overrides of its own inputs by name, anything
     else a setting of the chosen edit."""
     from editkit.nodes.attention_control import AttentionControllerNode
-    top = {k: v for k, v in overrides.items() if k in ATTENTION_CONTROLLER_SETTINGS or k in ("inversion", "more_targets")}
+    top = {k: v for k, v in overrides.items() if k in ATTENTION_CONTROLLER_SETTINGS or k in ("inversion", "more_targets", "fusion")}
     own = {k: v for k, v in overrides.items() if k not in top}
     return AttentionControllerNode.execute(model=model, clip=clip, edit=edit_settings(edit, **own),
                                            **{**ATTENTION_CONTROLLER_SETTINGS, **top}).result[0]
