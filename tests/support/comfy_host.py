@@ -340,6 +340,23 @@ def write_example_photo(name: str = "example.png", size: int = 64) -> None:
     Image.fromarray((rgb * 255).astype(np.uint8)).save(host_dirs()["input"] / name)
 
 
+def write_example_video(name: str = "example.mp4", frames: int = 4, size: int = 64, fps: int = 8) -> None:
+    """The video the shipped video workflows load (LoadVideo 'example.mp4'): the example photo's picture
+    sliding by two pixels a frame."""
+    import av
+    import numpy as np
+    y, x = np.mgrid[0:size, 0:size + 2 * frames] / (size - 1.0)
+    rgb = (np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1).clip(0, 1) * 255).astype(np.uint8)
+    with av.open(str(host_dirs()["input"] / name), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for f in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:, 2 * f:2 * f + size]), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
 def encode(clip, text: str):
     """A CONDITIONING of `text`, as CLIPTextEncode gives it."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
