@@ -286,3 +286,76 @@ def test_masactrl_word_mask_is_min_max_normalised_nearest_resized_and_includes_t
     # normalised: [[0, 0.25], [0.5, 1]] -> >= 0.25 everywhere but the top-left, each value over a 2x2 block
     expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(fg[0], expected) and torch.equal(fg[1], expected)
+
+
+# ---- FateZero's attention fusion --------------------------------------------------------------------------
+
+def _fusion_setup(threshold=0.3):
+    """A word swap of 2 frames (source, target per frame) with fusion on source key 1; the latent is 16x16, so
+    the maps' level (SD1.5's 16x16 at 512 px) is 4x4 here."""
+    from editkit.core.prompt2prompt import AttentionFusion
+    keys = PromptKeys(4, (1,))
+    p2p = PromptToPrompt(targets=(TargetEdit.uniform(TokenMap.one_to_one(range(4), [True] * 4, 4), 0.0),), self_window=(0.0, 1.0),
+                         self_max_tokens=8 * 8, fusion=AttentionFusion(keys, threshold))
+    return p2p, RunState([p2p]), BatchLayout(("cond", "uncond"), items=2, frames=2)
+
+
+def _call(run, layout, kind, step, grid, sigma):
+    site = AttentionSite(4, kind, "input", 7)
+    return AttentionCall(site, heads=1, step=step, num_steps=4, grid=grid, layout=layout, run=run, sigma=sigma,
+                         latent_hw=(16, 16))
+
+
+def test_fusion_takes_the_source_self_attention_until_the_maps_of_an_evaluation_exist():
+    p2p, run, layout = _fusion_setup()
+    probs = torch.softmax(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    out = p2p.edit_probs(_call(run, layout, "self", 0, (4, 4), 10.0), probs)
+    for source in layout.group_starts("cond"):
+        assert torch.equal(out[source + 1], probs[source])          # no maps yet: plain Prompt-to-Prompt
+    for row in layout.rows("uncond"):
+        assert torch.equal(out[row], probs[row])                    # the unconditional chunk is left alone
+
+
+def test_fusion_mask_of_a_frame_is_the_source_words_map_of_the_last_evaluation_pooled_resized_and_thresholded():
+    """Reference (FateZero's MaskBlend, written out): the source row's map of the words, averaged over heads and
+    over the evaluation's 16x16 layers, 3x3 max-pooled, nearest-resized to the self-attention grid, divided by
+    its maximum, > threshold; targets keep M * own + (1 - M) * source."""
+    import torch.nn.functional as F
+    p2p, run, layout = _fusion_setup(threshold=0.5)
+    g = torch.Generator().manual_seed(1)
+    cross = [torch.softmax(torch.randn(8, 2, 16, 4, generator=g, dtype=torch.float64), dim=-1) for _ in range(2)]
+    for c in cross:   # the word's attention grows along the queries, so the region is a part of the frame
+        c[..., 1] *= torch.linspace(0.0, 2.0, 16, dtype=torch.float64)
+    for probs in cross:                                   # two 4x4-level layers of evaluation (step 0, sigma 10)
+        p2p.edit_probs(_call(run, layout, "cross", 0, (4, 4), 10.0), probs)
+    self_probs = torch.softmax(torch.randn(8, 2, 64, 64, generator=g, dtype=torch.float64), dim=-1)
+    out = p2p.edit_probs(_call(run, layout, "self", 1, (8, 8), 5.0), self_probs)
+    for source in layout.group_starts("cond"):
+        word = sum(c[source].mean(dim=0)[:, 1] for c in cross) / 2           # (16,) = 4x4 map of the word
+        pooled = F.max_pool2d(word.reshape(1, 1, 4, 4), 3, 1, 1)
+        resized = F.interpolate(pooled, size=(8, 8), mode="nearest")
+        inside = (resized / resized.max() > 0.5).flatten().to(torch.float64)[None, :, None]
+        expected = inside * self_probs[source + 1] + (1 - inside) * self_probs[source]
+        assert torch.allclose(out[source + 1], expected, atol=1e-12)
+        assert 0 < inside.sum() < 64                                         # a real split, not all or nothing
+    assert torch.equal(out[0], self_probs[0])
+
+
+def test_word_maps_and_local_blend_masks_are_per_frame():
+    """With 2 frames, each frame's blend mask comes from that frame's rows only."""
+    layout = BatchLayout(("cond",), items=2, frames=2)
+    keys = (PromptKeys(4, (1,)), PromptKeys(4, (1,)))
+    blend = LocalBlend(keys=keys, threshold=0.5)
+    run = RunState([blend])
+    probs = torch.zeros(4, 1, 16, 4)
+    probs[..., 0] = 1.0                                   # attention on the start token by default
+    probs[0, :, 0, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])    # frame 0's source: the word at the top-left
+    probs[3, :, 15, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])   # frame 1's target: the word at the bottom-right
+    call = AttentionCall(AttentionSite(4, "cross", "input", 7), heads=1, step=0, num_steps=1, grid=(4, 4),
+                         layout=layout, run=run, latent_hw=(16, 16))
+    blend.edit_probs(call, probs)
+    mask = blend.update_mask(run.of(blend), (16, 16))
+    assert mask.shape == (2, 1, 16, 16)
+    # 3x3 pooling spreads a corner token over 2x2 tokens (8x8 latent pixels)
+    assert mask[0, 0, :8, :8].all() and not mask[0, 0, 8:].any() and not mask[0, 0, :, 8:].any()
+    assert mask[1, 0, 8:, 8:].all() and not mask[1, 0, :8].any() and not mask[1, 0, :, :8].any()
