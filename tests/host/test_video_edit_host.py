@@ -206,3 +206,24 @@ def test_a_latent_of_other_frames_than_the_inversion_is_refused(tiny, video, inv
                                   inversion=inversion)
     with pytest.raises(ValueError, match="latent: 2 latent.*inversion is of 3"):
         _sample(guider, noised[:2], sigmas)
+
+
+def test_plug_and_play_translates_a_video_with_the_source_clip_pinned_to_its_inversion(tiny, video, inverted):
+    model, clip, _ = tiny
+    noised, inversion, sigmas = inverted
+    guider, _ = feature_injector(model, clip, inversion, "a marble sculpture of a cat", "")
+    out = _sample(guider, noised, sigmas)
+    assert out.shape == (2 * FRAMES, *video["samples"].shape[1:])
+    assert (out[:FRAMES] - video["samples"]).abs().max() <= 1e-4 * video["samples"].abs().max()
+    assert (out[FRAMES:] - out[:FRAMES]).abs().max() > 1e-2
+
+
+def test_the_inversion_guider_reconstructs_every_frame(tiny, video, inverted):
+    from editkit.nodes.inversion import InversionGuider
+    model, clip, _ = tiny
+    noised, inversion, sigmas = inverted
+    guider = InversionGuider.execute(model, inversion, encode(clip, PROMPT), 5.0).result[0]
+    out = _sample(guider, noised, sigmas)
+    assert (out - video["samples"]).abs().max() <= 1e-5 * video["samples"].abs().max()
+    with pytest.raises(ValueError, match="latent: the inversion is of 3 frames but the latent holds 2"):
+        _sample(guider, noised[:2], sigmas)
