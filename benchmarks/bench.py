@@ -426,8 +426,75 @@ def rows_keyframe(bench: Bench, pack):
         yield f"keyframe attention {mode}, {frames} frames", t, peak, n * t_eval, n
 
 
+def build_clip(tiny: bool):
+    """A CLIP-L-layout text encoder with seeded random weights on the CPU (the tiny test CLIP with --tiny): the
+    Attention Controller tokenises its prompts (word swap, fusion words) and encodes them."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from support.tiny_models import _generator, init_weights_, make_comfy_clip
+    if tiny:
+        return make_comfy_clip(seed=0)
+    cpu = torch.device("cpu")
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "load_device": cpu,
+                                                       "offload_device": cpu, "initial_device": cpu})
+    init_weights_(clip.cond_stage_model, _generator(0, "clip"))
+    return clip
+
+
+def rows_video_edit(bench: Bench, pack):
+    """Zero-shot editing of an inverted video (issue 13): 16 frames inverted in one batch (direct: 16 rows per
+    evaluation, no CFG), then edited by the Attention Controller's pair guider (ddim; source and edited clips
+    with CFG: batch 64 per evaluation): word swap, + FateZero's attention fusion, + keyframe attention
+    first_and_previous (the full video edit). Floors: the steps' evaluations at batch 16 and 64. Goal: peak
+    <= 12 GB, within 1.3x of the floor."""
+    import comfy.samplers
+    from editkit.nodes.attention_control import AttentionControllerNode, AttentionFusionNode
+    from editkit.nodes.inversion import NullTextInvert
+    from editkit.nodes.keyframe_attention import KeyframeAttentionNode
+    from support.comfy_host import encode
+    from support.node_calls import edit_settings
+    from support.tiny_models import CONTEXT_DIM
+    frames, source, target = 16, "a cat riding a bicycle", "a dog riding a bicycle"
+    t_inv, t_edit = bench.unet_eval(frames), bench.unet_eval(4 * frames)
+    yield f"one UNet evaluation, batch {frames}", t_inv, None, t_inv, 1
+    yield f"one UNet evaluation, batch {4 * frames}", t_edit, None, t_edit, 1
+    clip = build_clip(tiny=bench.positive[0][0].shape[-1] == CONTEXT_DIM)
+    positive, negative = encode(clip, source), encode(clip, "")
+    g = torch.Generator().manual_seed(4)
+    video = {"samples": torch.randn(frames, 4, *bench.latent_hw, generator=g)}
+    inverted = []
+
+    def invert():
+        inverted[:] = NullTextInvert.execute(bench.model, positive, negative, video, "direct", bench.steps,
+                                             "ddim_uniform", 7.5, 10, 0.01, 1e-5).result
+    t_invert, peak_invert = bench._fastest(invert, 2)
+    noised, inversion, sigmas = inverted
+    n = sigmas.shape[0] - 1
+    yield f"inversion of {frames} frames (direct, batched)", t_invert, peak_invert, n * t_inv, n
+    x = noised["samples"]
+
+    def edit(model, fusion=None):
+        guider = AttentionControllerNode.execute(
+            model=model, clip=clip, source_prompt=source, target_prompt=target, negative_prompt="",
+            edit=edit_settings("word_swap", self_max_resolution=32), cfg=7.5, inversion=inversion,
+            fusion=fusion).result[0]
+        return bench._fastest(lambda: guider.sample(torch.zeros_like(x), x, comfy.samplers.sampler_object("ddim"),
+                                                    sigmas, disable_pbar=True, seed=0), 2)
+    fusion = AttentionFusionNode.execute("cat", 0.3).result[0]
+    keyframes = KeyframeAttentionNode.execute(bench.model, {"mode": "first_and_previous"}, "", 0.0, 1.0, 0, 0.0,
+                                              0.5).result[0]
+    for name, model, fused in ((f"edit {frames} frames: word swap", bench.model, None),
+                               ("  + attention fusion (cat, 0.3)", bench.model, fusion),
+                               ("  + keyframe attn first_and_previous (full)", keyframes, fusion)):
+        t, peak = edit(model, fused)
+        yield name, t, peak, n * t_edit, n
+    yield "  total: inversion + full edit", t_invert + t, max(peak, peak_invert), n * (t_inv + t_edit), 2 * n
+
+
 ROWS = [rows_foundation, rows_inversion, rows_attention_control, rows_feature_injection, rows_latent_fuser,
-        rows_keyframe]
+        rows_keyframe, rows_video_edit]
 
 
 def boot(cpu: bool):
@@ -442,7 +509,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
-    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser, keyframe)")
+    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser, keyframe, video_edit)")
     args = parser.parse_args()
     cpu = args.tiny or not torch.cuda.is_available()
     pack = boot(cpu)
