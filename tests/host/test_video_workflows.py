@@ -65,20 +65,34 @@ def test_the_restyle_workflow_edits_the_video_and_saves_the_edited_clip(host):
 def test_the_text_to_video_workflow_saves_a_clip_whose_frames_share_attention(host):
     def prompt_of(with_keyframes):
         prompt = comfy_host.tiny_prompt(_workflow(TEXT_TO_VIDEO), STEPS)
-        prompt[comfy_host.node_of(prompt, "EmptyLatentImage")]["inputs"]["batch_size"] = FRAMES
+        motion = prompt[comfy_host.node_of(prompt, "EditKitMotionLatents")]["inputs"]
+        motion.update(frames=FRAMES, steps=4, start_at_step=1, warp_at_step=2, strength=8.0)
         if not with_keyframes:
             keyframe = comfy_host.node_of(prompt, "EditKitKeyframeAttention")
-            sampler = comfy_host.node_of(prompt, "KSampler")
-            prompt[sampler]["inputs"]["model"] = prompt[keyframe]["inputs"]["model"]
+            guider = comfy_host.node_of(prompt, "CFGGuider")
+            prompt[guider]["inputs"]["model"] = prompt[keyframe]["inputs"]["model"]
             del prompt[keyframe]
         return prompt
 
     prompt = prompt_of(True)
     result = comfy_host.run_prompt(prompt)
-    shared = result.outputs[comfy_host.node_of(prompt, "KSampler")][0]["samples"]
+    shared = result.outputs[comfy_host.node_of(prompt, "SamplerCustomAdvanced")][0]["samples"]
     assert shared.shape[0] == FRAMES and torch.isfinite(shared).all()
     assert _saved_frames(result, "video/editkit_text_to_video") == FRAMES
     plain_prompt = prompt_of(False)
-    plain = comfy_host.run_prompt(plain_prompt).outputs[comfy_host.node_of(plain_prompt, "KSampler")][0]["samples"]
-    assert torch.equal(shared[0], plain[0])                  # frame 0 reads itself
-    assert (shared[1:] - plain[1:]).abs().max() > 1e-3       # the others read frame 0
+    plain = comfy_host.run_prompt(plain_prompt).outputs[comfy_host.node_of(plain_prompt, "SamplerCustomAdvanced")][0]
+    assert torch.equal(shared[0], plain["samples"][0])                  # frame 0 reads itself
+    assert (shared[1:] - plain["samples"][1:]).abs().max() > 1e-3       # the others read frame 0
+
+
+def test_shipped_text_to_video_settings(host):
+    prompt = comfy_host.ui_to_api(_workflow(TEXT_TO_VIDEO))
+    motion = prompt[comfy_host.node_of(prompt, "EditKitMotionLatents")]["inputs"]
+    assert (motion["frames"], motion["steps"], motion["scheduler"], motion["strength"]) == (8, 50, "ddim_uniform", 12.0)
+    assert (motion["start_at_step"], motion["warp_at_step"]) == (2, 5)
+    guider = prompt[comfy_host.node_of(prompt, "CFGGuider")]["inputs"]
+    assert guider["cfg"] == motion["cfg"]
+    assert guider["model"][0] == comfy_host.node_of(prompt, "EditKitKeyframeAttention")
+    sampler = prompt[comfy_host.node_of(prompt, "SamplerCustomAdvanced")]["inputs"]
+    assert sampler["sigmas"] == [comfy_host.node_of(prompt, "EditKitMotionLatents"), 1]
+    assert prompt[comfy_host.node_of(prompt, "KSamplerSelect")]["inputs"]["sampler_name"] == "ddim"
