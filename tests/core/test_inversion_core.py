@@ -157,6 +157,7 @@ def test_adam_step_matches_torch_adam():
     assert (ours - theirs.detach()).abs().max() < 1e-5 < 1e-2 < (ours - start).abs().max()
 
 
+@pytest.mark.single_thread
 def test_null_text_early_stop_matches_the_reference_loop(setup):
     eps_fn, x0, cond, uncond, sigmas, latents = setup
     # a threshold that stops some steps early and not others: the median final loss of a run without stops
@@ -169,6 +170,7 @@ def test_null_text_early_stop_matches_the_reference_loop(setup):
     assert torch.allclose(ours, reference, atol=1e-6)
 
 
+@pytest.mark.single_thread
 def test_a_cuda_graph_that_cannot_be_captured_falls_back_to_the_same_eager_result(setup):
     eps_fn, x0, cond, uncond, sigmas, latents = setup
     settings = NullTextSettings(inner_steps=2)

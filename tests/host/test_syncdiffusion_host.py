@@ -50,6 +50,7 @@ def test_weight_zero_is_multidiffusion_exactly(setup, lpips_weights):
     assert torch.equal(_run(_fuser(model, vae, dict(SYNC, sync_weight=0.0)), clip, noise, sigmas), plain)
 
 
+@pytest.mark.single_thread
 def test_node_matches_the_official_loop(setup, lpips_weights):
     """ComfyUI's ddim sampler through the node against the official SyncDiffusion loop (DDIM in alpha space,
     gradient step on x_t, every view re-evaluated at its moved latent, values averaged)."""
