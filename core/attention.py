@@ -114,6 +114,10 @@ class BatchLayout:
     def frame_of(self, row: int) -> int:
         return (row // self.items) % self.frames
 
+    def frame_item_of(self, row: int) -> int:
+        """The row's place in its window, frame-major: frame_of(row) * items + item_of(row)."""
+        return row % (self.frames * self.items)
+
     def branch_of(self, row: int) -> str:
         return self.chunks[row // (self._per_chunk_groups * self.items)]
 
@@ -129,6 +133,11 @@ class BatchLayout:
         groups = groups if groups > 1 and per_chunk % groups == 0 else 1
         frames = frames if frames > 1 and per_chunk % (groups * frames) == 0 else 1
         return BatchLayout(chunks, per_chunk // (groups * frames), groups, frames)
+
+
+def frame_groups(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(frames * items, ...) rows in one group per frame (the batch of a pair run) -> (frames, items, ...)."""
+    return x.reshape(frames, x.shape[0] // frames, *x.shape[1:])
 
 
 class RunState:

@@ -68,7 +68,12 @@ class Inversion:
     @property
     def frames(self) -> int:
         """How many images were inverted together (the frames of a video); 1 for one image."""
-        return self.latents.shape[1] if self.latents.ndim == 5 else 1
+        return trajectory_frames(self.latents)
+
+
+def trajectory_frames(latents: torch.Tensor) -> int:
+    """Frames of an inversion trajectory: (N + 1, C, H, W) is one image, (N + 1, F, C, H, W) F frames."""
+    return latents.shape[1] if latents.ndim == 5 else 1
 
 
 def inversion_model_input(x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .inversion import direct_denoised
+from .attention import frame_groups
+from .inversion import direct_denoised, trajectory_frames
 from .prompt2prompt import LocalBlend, blend_denoised
 
 SOURCE_MODES = ("sampled", "direct", "pinned")
@@ -44,9 +45,9 @@ class PairSchedule:
             raise ValueError(f"source scheme '{self.source}' is not one of {', '.join(SOURCE_MODES)}")
         if self.source != "sampled" and self.trajectory is None:
             raise ValueError(f"the '{self.source}' source scheme needs the inversion's latents")
-        if self.trajectory is not None and (self.trajectory.shape[1] if self.trajectory.ndim == 5 else 1) != self.frames:
-            raise ValueError(f"the trajectory is of {self.trajectory.shape[1] if self.trajectory.ndim == 5 else 1} "
-                             f"frames, the batch of {self.frames}")
+        if self.trajectory is not None and trajectory_frames(self.trajectory) != self.frames:
+            raise ValueError(f"the trajectory is of {trajectory_frames(self.trajectory)} frames, the batch of "
+                             f"{self.frames}")
 
     @property
     def steps(self) -> int:
@@ -66,10 +67,6 @@ class PairSchedule:
         denoised = direct_denoised(self.trajectory, self.schedule, step).to(like.device, like.dtype)
         return denoised.reshape(self.frames, *like.shape[1:])
 
-    def _groups(self, x: torch.Tensor) -> torch.Tensor:
-        """(frames * items, ...) -> (frames, items, ...): one group of rows per frame."""
-        return x.reshape(self.frames, x.shape[0] // self.frames, *x.shape[1:])
-
     def model_input(self, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         """The batch the model evaluates: with `pinned`, the source rows are the inversion's latents at sigma (the
         stored ones at a schedule step, on the straight path to the next ones in between)."""
@@ -78,7 +75,7 @@ class PairSchedule:
         start = self.trajectory[step].to(x.device, x.dtype).reshape(self.frames, *x.shape[1:])
         pinned = start if self.at_step_start(sigma, step) else \
             start + (sigma - self.schedule[step]) / self.schedule[step] * (start - self._source_denoised(step, x))
-        groups = self._groups(x).clone()
+        groups = frame_groups(x, self.frames).clone()
         groups[:, 0] = pinned
         return groups.reshape(x.shape)
 
@@ -87,7 +84,7 @@ class PairSchedule:
         """The predictions given to the sampler: the source rows' set by their scheme, then the local blend
         (`mask` from `blend.update_mask`, None before the blend's first step or before any map)."""
         if self.source != "sampled":
-            groups = self._groups(out).clone()
+            groups = frame_groups(out, self.frames).clone()
             groups[:, 0] = self._source_denoised(step, out)
             out = groups.reshape(out.shape)
         if blend is not None and mask is not None and step >= blend.first_step(self.steps):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import CROSS, SELF, AttentionCall, AttentionController, AttentionSite, level_grid
+from .attention import CROSS, SELF, AttentionCall, AttentionController, AttentionSite, frame_groups, level_grid
 from .capture import AttentionMapStore, fold_repeated_context, normalise_per_map, unfold_repeated_context
 from .tokens import TokenMap
 
@@ -53,7 +53,7 @@ def _word_maps(call: AttentionCall, probs: torch.Tensor, keys: tuple[PromptKeys,
         item = layout.item_of(row)
         if item < len(keys) and keys[item].positions:
             token_maps = fold_repeated_context(probs[row].mean(dim=0), keys[item].context_length)
-            maps[layout.frame_of(row) * layout.items + item] += token_maps[:, list(keys[item].positions)].sum(dim=-1)
+            maps[layout.frame_item_of(row)] += token_maps[:, list(keys[item].positions)].sum(dim=-1)
     return maps.reshape(-1, h, w)
 
 
@@ -348,15 +348,14 @@ def blend_denoised(x: torch.Tensor, denoised: torch.Tensor, mask: torch.Tensor, 
     evaluation between two schedule steps, as second-order samplers make) the predictions themselves are
     blended.
     """
-    groups = lambda t: t.reshape(frames, t.shape[0] // frames, *t.shape[1:])   # noqa: E731
-    inside = groups(mask.to(x.device) > 0.5)
-    d = groups(denoised)
+    inside = frame_groups(mask.to(x.device) > 0.5, frames)
+    d = frame_groups(denoised, frames)
     source_d, target_d = d[:, :1], d[:, 1:]
     if sigma_next is None or sigma_next == 0.0:
         # the last step returns D itself
         return torch.cat([source_d, torch.where(inside, target_d, source_d)], dim=1).reshape(denoised.shape)
     rate = (sigma_next - sigma) / sigma
-    xs = groups(x.to(denoised.dtype))
+    xs = frame_groups(x.to(denoised.dtype), frames)
     source_x, target_x = xs[:, :1], xs[:, 1:]
     source_next = source_x + rate * (source_x - source_d)
     solved = target_x - (source_next - target_x) / rate          # lands target_x on source_next
@@ -456,10 +455,11 @@ class MutualSelfAttention(AttentionController):
             return probs
         foreground = self._foreground(call, probs.device)   # (frames * items, tokens) bool
         probs = probs.clone()
-        group = call.layout.frames * call.layout.items
+        layout = call.layout
         for source, targets in pair_rows(call, branch=None):
             for row in targets:
-                probs[row] = _split_attention(probs[row], foreground[source % group], foreground[row % group])
+                probs[row] = _split_attention(probs[row], foreground[layout.frame_item_of(source)],
+                                              foreground[layout.frame_item_of(row)])
         return probs
 
     def _foreground(self, call: AttentionCall, device) -> torch.Tensor:

@@ -28,6 +28,7 @@ import comfy.k_diffusion.sampling as k_sampling
 import comfy.samplers
 import torch
 
+from ..core.attention import frame_groups
 from ..core.inversion import Inversion
 from ..core.pair import PairSchedule
 from ..core.prompt2prompt import LocalBlend
@@ -70,7 +71,7 @@ def shared_noise_sampler(sampler, items: int):
 
 def clips_first(x: torch.Tensor, frames: int) -> torch.Tensor:
     """(frames * items, ...) in groups per frame -> (items * frames, ...): each item's clip, the source's first."""
-    return x.reshape(frames, x.shape[0] // frames, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+    return frame_groups(x, frames).transpose(0, 1).reshape(x.shape)
 
 
 class PairCFGGuider(comfy.samplers.CFGGuider):
