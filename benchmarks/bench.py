@@ -493,8 +493,35 @@ def rows_video_edit(bench: Bench, pack):
     yield "  total: inversion + full edit", t_invert + t, max(peak, peak_invert), n * (t_inv + t_edit), 2 * n
 
 
+def rows_consistory(bench: Bench, pack):
+    """Consistent Subject (issue 14) on 4 prompts (a batch of 4 latents, CFG: batch 8 per evaluation) against plain
+    batched sampling of the same 4 prompts; the floor is the steps' evaluations at batch 8. Goal: within 1.3x of
+    plain sampling in time and memory."""
+    import comfy.sample
+    from editkit.nodes.consistory import ConsistentSubjectNode
+    from support.tiny_models import CONTEXT_DIM
+    images, n = 4, bench.steps
+    prompts = "\n".join(["a watercolor of a fox reading", "a fox in the snow", "a fox on a boat",
+                         "a fox in a kitchen"])
+    clip = build_clip(tiny=bench.positive[0][0].shape[-1] == CONTEXT_DIM)
+    model, positive, _ = ConsistentSubjectNode.execute(bench.model, clip, prompts, "fox", 0.5, 1.0, 0, "", 0.0, 1.0,
+                                                       0).result
+    latent = torch.zeros(images, 4, *bench.latent_hw)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def sample(m):
+        return bench._fastest(lambda: comfy.sample.sample(m, noise, n, 7.5, "euler", "normal", positive,
+                                                          bench.negative, latent, seed=0, disable_pbar=True), 3)
+    t_eval = bench.unet_eval(2 * images)
+    yield f"one UNet evaluation, batch {2 * images}", t_eval, None, t_eval, 1
+    t_plain, peak_plain = sample(bench.model)
+    yield f"plain sampling, {images} prompts batched", t_plain, peak_plain, n * t_eval, n
+    t, peak = sample(model)
+    yield f"consistent subject, {images} prompts", t, peak, n * t_eval, n
+
+
 ROWS = [rows_foundation, rows_inversion, rows_attention_control, rows_feature_injection, rows_latent_fuser,
-        rows_keyframe, rows_video_edit]
+        rows_keyframe, rows_video_edit, rows_consistory]
 
 
 def boot(cpu: bool):
@@ -509,7 +536,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
-    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser, keyframe, video_edit)")
+    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser, keyframe, video_edit, consistory)")
     args = parser.parse_args()
     cpu = args.tiny or not torch.cuda.is_available()
     pack = boot(cpu)

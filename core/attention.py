@@ -14,6 +14,8 @@ block's residual block, seen through a `FeatureCall` with the same step and batc
 Tensor conventions (those of the host's attention functions):
 - q: (batch, query_tokens, heads * head_dim); k, v: (batch, key_tokens, heads * head_dim)
 - probabilities: (batch, heads, query_tokens, key_tokens)
+- key bias: (batch, key_tokens), added to every head's and query's logits before the softmax (-inf: a key the
+  row does not read)
 - output: (batch, query_tokens, heads * head_dim)
 """
 from __future__ import annotations
@@ -256,6 +258,11 @@ class AttentionController:
     def edit_qkv(self, call: AttentionCall, q, k, v):
         return q, k, v
 
+    def edit_bias(self, call: AttentionCall, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The key bias of the call (None: no bias), given the keys after every `edit_qkv` and the bias of the
+        controllers before this one."""
+        return bias
+
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         return probs
 
@@ -322,13 +329,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) per head, in float32 or wider whatever the model's dtype."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) per head, in float32 or wider whatever the model's dtype."""
     dtype = compute_dtype(q)
     qh = split_heads(q, heads).to(dtype)
     kh = split_heads(k, heads).to(dtype)
     scale = 1.0 / math.sqrt(qh.shape[-1])
-    return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+    logits = qh @ kh.transpose(-1, -2) * scale
+    if bias is not None:
+        logits = logits + bias.to(dtype)[:, None, None, :]
+    return torch.softmax(logits, dim=-1)
 
 
 def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -344,6 +354,15 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return merge_heads(out)
 
 
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor) -> torch.Tensor:
+    """Attention with a key bias (batch, key_tokens), through PyTorch's fused kernels: the bias is broadcast over
+    heads and queries, never materialised per query."""
+    mask = bias.to(q.dtype)[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
+                                                           split_heads(v, heads), attn_mask=mask)
+    return merge_heads(out)
+
+
 def controlled_attention(call: AttentionCall, q, k, v, controllers: Sequence[AttentionController],
                          fast_attention: FastAttention) -> torch.Tensor:
     """Run one attention call through the controllers that act on it, in order."""
@@ -352,11 +371,16 @@ def controlled_attention(call: AttentionCall, q, k, v, controllers: Sequence[Att
         return fast_attention(q, k, v, call.heads)
     for c in active:
         q, k, v = c.edit_qkv(call, q, k, v)
+    bias = None
+    for c in active:
+        bias = c.edit_bias(call, k, bias)
     if any(c.needs_probs(call) for c in active):
-        probs = attention_probs(q, k, call.heads)
+        probs = attention_probs(q, k, call.heads, bias)
         for c in active:
             probs = c.edit_probs(call, probs)
         out = apply_probs(probs, v, call.heads)
+    elif bias is not None:   # the host's kernels take no bias of this shape
+        out = biased_attention(q, k, v, call.heads, bias)
     else:
         out = fast_attention(q, k, v, call.heads)
     for c in active:

@@ -92,7 +92,7 @@ class KeyframeAttention(AttentionController):
             rows = starts[:, None, None, None] + table[None, :, None, :] * clips + clip[None, None, :, None]
             cache[key] = rows.reshape(-1, table.shape[1])
         rows = cache[key]                                                              # (batch rows, keyframes)
-        return q, _gather(k, rows), _gather(v, rows)
+        return q, gather_rows(k, rows), gather_rows(v, rows)
 
 
 def _frames_and_clips(call: AttentionCall) -> tuple[int, int]:
@@ -116,8 +116,9 @@ def _item_table(mode: str, indices: tuple[int, ...], items: int,
     return tuple(tuple(position.get(f, i) for f in table[frame]) for i, frame in enumerate(frames.ids))
 
 
-def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(batch, tokens, dim) -> (batch, keyframes * tokens, dim): row r's tokens are those of rows[r], in order."""
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens, dim) -> (batch, n * tokens, dim) for `rows` (batch, n): row r's tokens are those of the rows
+    rows[r], in order (the keys and values a row reads from other latents of its batch)."""
     picked = x[rows.flatten()]
     return picked.reshape(rows.shape[0], rows.shape[1] * x.shape[1], x.shape[2])
 

@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .attention_control import NODES as ATTENTION_CONTROL_NODES
 from .attention_maps import NODES as ATTENTION_MAP_NODES
+from .consistory import NODES as CONSISTORY_NODES
 from .feature_injection import NODES as FEATURE_INJECTION_NODES
 from .inversion import NODES as INVERSION_NODES
 from .keyframe_attention import NODES as KEYFRAME_NODES
@@ -17,4 +18,4 @@ class EditKitExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*ATTENTION_MAP_NODES, *ATTENTION_CONTROL_NODES, *INVERSION_NODES, *FEATURE_INJECTION_NODES,
-                *LATENT_FUSER_NODES, *KEYFRAME_NODES, *TEXT2VIDEO_NODES]
+                *LATENT_FUSER_NODES, *KEYFRAME_NODES, *TEXT2VIDEO_NODES, *CONSISTORY_NODES]

@@ -29,7 +29,7 @@ MAX_EXTRA_TARGETS = 7
 FusionType = io.Custom("EDITKIT_ATTENTION_FUSION")
 
 
-class _Prompt:
+class EncodedPrompt:
     """A prompt as the model's CLIP tokenises and encodes it."""
 
     def __init__(self, clip, text: str, name: str, allow_empty: bool = False):
@@ -38,7 +38,7 @@ class _Prompt:
         self.text, self.name = text, name
         self.tokens: PromptTokens = prompt_tokens(clip, text)
         self.encode_word, self.id_to_piece = word_codec(clip)
-        self.context = clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0]
+        self.context, self.extras = clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][:2]   # extras: pooled
 
     def positions(self, words: list[str], input_name: str) -> list[list[int]]:
         try:
@@ -53,7 +53,7 @@ class _Prompt:
         return ", ".join(prompt_words(self.tokens, self.id_to_piece)) or "(empty)"
 
 
-def _in_some(prompts: list[_Prompt], word: str, input_name: str) -> list[list[int]]:
+def _in_some(prompts: list[EncodedPrompt], word: str, input_name: str) -> list[list[int]]:
     """The word's positions in each prompt; a word in none of them is an error listing their words."""
     hits = [p.find(word) for p in prompts]
     if not any(hits):
@@ -62,7 +62,7 @@ def _in_some(prompts: list[_Prompt], word: str, input_name: str) -> list[list[in
     return hits
 
 
-def _per_target_key(targets: list[_Prompt], pairs: list[tuple[str, object]], input_name: str,
+def _per_target_key(targets: list[EncodedPrompt], pairs: list[tuple[str, object]], input_name: str,
                     default) -> list[tuple]:
     """Per target, one value per key: `default`, and each pair's value at its word's tokens."""
     out = [[default] * t.tokens.context_length for t in targets]
@@ -73,7 +73,7 @@ def _per_target_key(targets: list[_Prompt], pairs: list[tuple[str, object]], inp
     return [tuple(v) for v in out]
 
 
-def _word_keys(prompts: list[_Prompt], text: str, input_name: str) -> tuple[PromptKeys, ...] | None:
+def _word_keys(prompts: list[EncodedPrompt], text: str, input_name: str) -> tuple[PromptKeys, ...] | None:
     """Per prompt, the key positions of the words of `text` it contains (None for no words)."""
     words = split_words(text)
     if not words:
@@ -203,11 +203,11 @@ class AttentionControllerNode(io.ComfyNode):
         kind = settings.pop("edit", None)
         if kind not in EDITS:
             raise ValueError(f"edit: '{kind}' is not one of {', '.join(EDITS)}")
-        source = _Prompt(clip, source_prompt, "source_prompt", allow_empty=True)   # a photo inverted with ""
-        targets = [_Prompt(clip, target_prompt, "target_prompt")]
+        source = EncodedPrompt(clip, source_prompt, "source_prompt", allow_empty=True)   # a photo inverted with ""
+        targets = [EncodedPrompt(clip, target_prompt, "target_prompt")]
         for name, text in sorted((more_targets or {}).items()):
             if text is not None:
-                targets.append(_Prompt(clip, text, f"more_targets.{name}"))
+                targets.append(EncodedPrompt(clip, text, f"more_targets.{name}"))
         prompts = [source] + targets
         for p in prompts:
             check_context_width(inner, p.context, p.name)
@@ -244,7 +244,7 @@ def _window(settings: dict, name: str) -> tuple[float, float]:
     return start, end
 
 
-def _fusion(source: _Prompt, settings: dict | None) -> AttentionFusion | None:
+def _fusion(source: EncodedPrompt, settings: dict | None) -> AttentionFusion | None:
     if settings is None:
         return None
     words = split_words(settings["words"])
@@ -260,7 +260,7 @@ def _fusion(source: _Prompt, settings: dict | None) -> AttentionFusion | None:
     return AttentionFusion(PromptKeys(source.tokens.context_length, tuple(sorted(positions))), settings["threshold"])
 
 
-def _prompt_to_prompt(kind: str, source: _Prompt, targets: list[_Prompt], settings: dict,
+def _prompt_to_prompt(kind: str, source: EncodedPrompt, targets: list[EncodedPrompt], settings: dict,
                       fusion: AttentionFusion | None = None) -> PromptToPrompt:
     reweight = parse_word_values(settings["reweight"], "reweight", -10.0, 10.0)
     if kind == "reweight" and not reweight:
@@ -280,7 +280,7 @@ def _prompt_to_prompt(kind: str, source: _Prompt, targets: list[_Prompt], settin
                           self_max_tokens=self_cap * self_cap, fusion=fusion)
 
 
-def _local_blend(prompts: list[_Prompt], settings: dict) -> LocalBlend | None:
+def _local_blend(prompts: list[EncodedPrompt], settings: dict) -> LocalBlend | None:
     keys = _word_keys(prompts, settings["blend_words"], "blend_words")
     subtract = _word_keys(prompts, settings["blend_subtract_words"], "blend_subtract_words")
     if keys is None:
@@ -299,7 +299,7 @@ def _mask_image(mask, name: str) -> torch.Tensor:
     return mask.float().cpu()
 
 
-def _masactrl(model, prompts: list[_Prompt], settings: dict) -> MutualSelfAttention:
+def _masactrl(model, prompts: list[EncodedPrompt], settings: dict) -> MutualSelfAttention:
     count = max(s.layer for s in attention_sites(model)) + 1
     layers = parse_layers(settings["layers"], "layers")
     if not layers:

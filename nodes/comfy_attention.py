@@ -21,9 +21,9 @@ import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-from ..core.attention import (AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet, FeatureCall,
-                              FeatureSite, RunState, controlled_attention, controlled_features,
-                              sites_for_transformers)
+from ..core.attention import (SELF, AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet,
+                              FeatureCall, FeatureSite, RunState, controlled_attention, controlled_features,
+                              parse_layers, sites_for_transformers)
 from ..core.schedule import step_index
 
 CONTROLS_KEY = "editkit_controls"
@@ -87,6 +87,23 @@ def attention_sites(model_patcher) -> list[AttentionSite]:
     if not sites:
         raise UnsupportedModelError("model: no transformer attention blocks found in this UNet")
     return sites
+
+
+def chosen_self_layers(model_patcher, text: str, decoder: bool) -> tuple[int, ...] | None:
+    """The self-attention layers typed in a `layers` widget ('4-11', '10, 12'), checked against the model; ''
+    is the method's own choice: the decoder's layers when `decoder`, else None (every layer)."""
+    sites = [s for s in attention_sites(model_patcher) if s.kind == SELF]
+    count = max(s.layer for s in sites) + 1
+    if not text.strip():
+        return tuple(s.layer for s in sites if s.block == "output") if decoder else None
+    layers = parse_layers(text, "layers")
+    if not layers:
+        raise ValueError(f"layers: give at least one transformer layer (this model has 0 to {count - 1}), or leave "
+                         f"it empty for the method's layers")
+    if layers[-1] >= count:
+        raise ValueError(f"layers: {layers[-1]} is beyond this model's {count} transformer layers "
+                         f"(valid: 0 to {count - 1})")
+    return layers
 
 
 def host_fast_attention(extra_options: dict):

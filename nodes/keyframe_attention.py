@@ -12,10 +12,10 @@ import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
 
-from ..core.attention import SELF, FrameWindow, parse_layers
+from ..core.attention import FrameWindow
 from ..core.keyframe import MODES, KeyframeAttention, frame_windows, previous_frame_pull
 from ..core.schedule import step_index
-from .comfy_attention import FRAME_WINDOW_KEY, FRAMES_KEY, attach_controller, attention_sites, with_transformer_option
+from .comfy_attention import FRAME_WINDOW_KEY, FRAMES_KEY, attach_controller, chosen_self_layers, with_transformer_option
 from .host_helpers import map_cond_tensors
 from .pair_guider import clips_first
 
@@ -35,23 +35,6 @@ def _indices(text: str) -> tuple[int, ...]:
         except ValueError:
             raise ValueError(f"indices: cannot read '{part}'; write frame numbers from 0, e.g. '0, 8'") from None
     return tuple(values)
-
-
-def _layers(model, text: str, mode: str) -> tuple[int, ...] | None:
-    """The chosen self-attention layers, or None for all; '' is the method's own choice: Pix2Video's decoder
-    layers, every layer for the others."""
-    sites = [s for s in attention_sites(model) if s.kind == SELF]
-    count = max(s.layer for s in sites) + 1
-    if not text.strip():
-        return tuple(s.layer for s in sites if s.block == "output") if mode == "first_and_previous" else None
-    layers = parse_layers(text, "layers")
-    if not layers:
-        raise ValueError(f"layers: give at least one transformer layer (this model has 0 to {count - 1}), or leave "
-                         f"it empty for the method's layers")
-    if layers[-1] >= count:
-        raise ValueError(f"layers: {layers[-1]} is beyond this model's {count} transformer layers "
-                         f"(valid: 0 to {count - 1})")
-    return layers
 
 
 WINDOWS_KEY = "editkit_frame_windows"
@@ -186,7 +169,8 @@ class KeyframeAttentionNode(io.ComfyNode):
         indices = _indices(mode.get("indices", "")) if name == "indices" else ()
         if name == "indices" and not indices:
             raise ValueError("indices: name at least one keyframe (frame numbers from 0, e.g. '0' or '0, 8')")
-        controller = KeyframeAttention(mode=name, indices=indices, layers=_layers(model, layers, name),
+        chosen = chosen_self_layers(model, layers, decoder=name == "first_and_previous")
+        controller = KeyframeAttention(mode=name, indices=indices, layers=chosen,
                                        start=start_at, end=end_at)
         if frame_window == 1:
             raise ValueError("frame_window: 1 frame per call leaves nothing to share; use 2 or more, or 0 for all")

@@ -1,4 +1,5 @@
-"""Checks that the reference-equivalence tests catch each departure from the official code that issue 11 lists:
+"""Checks that the reference-equivalence tests catch each departure from the official code that issue 11 lists
+(and those of the later methods, named by method):
 every departure is put back, one at a time, into a temporary copy of the repository, and the tests named for
 it must fail there. The working tree is never touched.
 
@@ -19,6 +20,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = "tests/core/test_reference_equivalence.py"
 HOST = "tests/host/test_reference_equivalence_host.py"
+CONSISTORY = "tests/core/test_consistory_reference.py"
 
 # name: (file, text in the pack, the departure's text, tests that must fail)
 DEPARTURES = {
@@ -103,6 +105,21 @@ DEPARTURES = {
         "            out = out + (self._source_denoised(step, out) - out[0])[None]\n",
         [f"{CORE}::test_direct_inversion_moves_the_source_row_only",
          f"{HOST}::test_attention_controller_on_a_direct_inversion"]),
+    # ConsiStory (issue 14): NVlabs/consistory
+    "consistory_masks_of_every_step": (
+        "core/consistory.py", "MASK_STEPS = 20 ", "MASK_STEPS = 1000 ",
+        ["tests/core/test_consistory_core.py::test_the_mask_averages_the_last_20_steps_before_the_call"]),
+    "consistory_nearest_resize": (
+        "core/consistory.py", 'size=grid, mode="bilinear",\n                            align_corners=False)',
+        'size=grid, mode="nearest")', [f"{CONSISTORY}::test_sampling_loop_against_the_official_algorithm"]),
+    "consistory_others_unmasked": (
+        "core/consistory.py", "torch.where(mask & readable[:, None], shared,",
+        "torch.where(readable[:, None].expand_as(mask), shared,",
+        [f"{CONSISTORY}::test_sampling_loop_against_the_official_algorithm"]),
+    "consistory_dropout_keeps_the_dropped": (
+        "core/consistory.py", "generator=generator, dtype=torch.float64) >= dropout",
+        "generator=generator, dtype=torch.float64) < dropout",
+        [f"{CONSISTORY}::test_sampling_loop_against_the_official_algorithm[paper_dropout]"]),
 }
 
 

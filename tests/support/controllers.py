@@ -35,8 +35,14 @@ class Recorder(AttentionController):
 
     def edit_qkv(self, call, q, k, v):
         call.state(self).setdefault((call.site.name, call.step), []).append(
-            {"q": q.detach().clone(), "k": k.detach().clone(), "v": v.detach().clone(), "layout": call.layout})
+            {"q": q.detach().clone(), "k": k.detach().clone(), "v": v.detach().clone(), "layout": call.layout,
+             "heads": call.heads, "grid": call.grid, "bias": None})
         return q, k, v
+
+    def edit_bias(self, call, k, bias):
+        if bias is not None:   # the key bias of the controllers before, for the call edit_qkv just recorded
+            call.state(self)[(call.site.name, call.step)][-1]["bias"] = bias.detach().clone()
+        return bias
 
     def wants_feature(self, site):
         return self.features(site)
