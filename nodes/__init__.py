@@ -11,6 +11,7 @@ from .feature_injection import NODES as FEATURE_INJECTION_NODES
 from .inversion import NODES as INVERSION_NODES
 from .keyframe_attention import NODES as KEYFRAME_NODES
 from .latent_fuser import NODES as LATENT_FUSER_NODES
+from .p3s import NODES as P3S_NODES
 from .text2video import NODES as TEXT2VIDEO_NODES
 
 
@@ -18,4 +19,4 @@ class EditKitExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*ATTENTION_MAP_NODES, *ATTENTION_CONTROL_NODES, *INVERSION_NODES, *FEATURE_INJECTION_NODES,
-                *LATENT_FUSER_NODES, *KEYFRAME_NODES, *TEXT2VIDEO_NODES, *CONSISTORY_NODES]
+                *LATENT_FUSER_NODES, *KEYFRAME_NODES, *TEXT2VIDEO_NODES, *CONSISTORY_NODES, *P3S_NODES]

@@ -7,7 +7,8 @@ import pytest
 from support import comfy_host
 
 WORKFLOWS = sorted((comfy_host.REPO_ROOT / "workflows").glob("*.json"))
-LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
+LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name",
+           "CLIPVisionLoader": "clip_name"}
 # LiteGraph's metrics: a title bar above the node's position, one row per socket, one per widget
 TITLE, SLOT, WIDGET, MULTILINE = 30, 20, 24, 80
 

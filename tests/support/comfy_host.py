@@ -45,10 +45,12 @@ __all__ = [
     "host_dirs",
     "ui_to_api",
     "swap_checkpoint_loader",
+    "swap_clip_vision_loader",
     "add_random_lpips",
     "run_prompt",
     "load_workflow",
     "TinyCheckpointLoader",
+    "TinyCLIPVisionLoader",
 ]
 
 
@@ -226,6 +228,8 @@ def boot_comfy(tmp_dir, cpu: bool = True) -> Any:
         _run_async(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"] = TinyCheckpointLoader
         nodes.NODE_DISPLAY_NAME_MAPPINGS["TinyCheckpointLoader"] = "Tiny Checkpoint Loader (tests)"
+        nodes.NODE_CLASS_MAPPINGS["TinyCLIPVisionLoader"] = TinyCLIPVisionLoader
+        nodes.NODE_DISPLAY_NAME_MAPPINGS["TinyCLIPVisionLoader"] = "Tiny CLIP Vision Loader (tests)"
 
         _state.update(booted=True, path=path, dirs=dirs)
         atexit.register(_release_models)
@@ -331,6 +335,25 @@ class TinyCheckpointLoader:
         return mod.tiny_checkpoint(int(seed))
 
 
+class TinyCLIPVisionLoader:
+    """Drop-in for CLIPVisionLoader returning the tiny CLIP vision model (a fresh one per call)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return TinyCheckpointLoader.INPUT_TYPES()
+
+    RETURN_TYPES = ("CLIP_VISION",)
+    RETURN_NAMES = ("CLIP_VISION",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, seed=0):
+        import importlib
+
+        mod = importlib.import_module(f"{__package__}.tiny_models" if __package__ else "tiny_models")
+        return (mod.make_comfy_clip_vision(int(seed)),)
+
+
 def write_example_photo(name: str = "example.png", size: int = 64) -> None:
     """The photo the shipped workflows load (LoadImage 'example.png'): a smooth synthetic picture."""
     import numpy as np
@@ -405,6 +428,16 @@ def swap_checkpoint_loader(prompt: dict, seed: int = 0) -> dict:
     for node in out.values():
         if isinstance(node, dict) and node.get("class_type") == "CheckpointLoaderSimple":
             node["class_type"] = "TinyCheckpointLoader"
+            node["inputs"] = {"seed": int(seed)}
+    return out
+
+
+def swap_clip_vision_loader(prompt: dict, seed: int = 0) -> dict:
+    """Copy of ``prompt`` with every CLIPVisionLoader replaced by TinyCLIPVisionLoader (output slot 0 kept)."""
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        if isinstance(node, dict) and node.get("class_type") == "CLIPVisionLoader":
+            node["class_type"] = "TinyCLIPVisionLoader"
             node["inputs"] = {"seed": int(seed)}
     return out
 

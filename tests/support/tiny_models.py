@@ -21,6 +21,8 @@ Public API (float32, CPU):
 * ``make_comfy_clip(seed=0)``   -> ``comfy.sd.CLIP``
 * ``make_comfy_vae(seed=0)``    -> ``comfy.sd.VAE``
 * ``tiny_checkpoint(seed=0)``   -> ``(MODEL, CLIP, VAE)``
+* ``TINY_CLIP_VISION_CONFIG``  -- a tiny CLIP ViT config (32 px inputs, 4 px patches: an 8x8 patch grid)
+* ``make_comfy_clip_vision(seed=0)`` -> ``comfy.clip_vision.ClipVisionModel`` (what CLIPVisionLoader returns)
 * ``tiny_controlnet_state_dict(seed=0)`` -> a ControlNet state dict for ``comfy.controlnet``
 * ``save_tiny_controlnet(folder, seed=0, name=...)`` -> its file, for ControlNetLoader
   (``.safetensors``, or a ``torch.save`` dict under any other name, e.g. ``.pth``)
@@ -52,6 +54,8 @@ __all__ = [
     "make_comfy_clip",
     "make_comfy_vae",
     "tiny_checkpoint",
+    "TINY_CLIP_VISION_CONFIG",
+    "make_comfy_clip_vision",
     "TINY_CONTROLNET_CONFIG",
     "tiny_controlnet_state_dict",
     "save_tiny_controlnet",
@@ -156,7 +160,7 @@ TINY_VAE_DDCONFIG = {
 }
 
 # Distinct sub-seeds so that UNet / CLIP / VAE weights are independent.
-_SUBSEED = {"unet": 0, "clip": 1, "vae": 2, "controlnet": 3}
+_SUBSEED = {"unet": 0, "clip": 1, "vae": 2, "controlnet": 3, "clip_vision": 4}
 _BIAS_STD = 0.02
 
 
@@ -362,6 +366,46 @@ def tiny_checkpoint(seed: int = 0):
             _ckpt_cache[seed] = cached
         model, clip = cached
         return model.clone(), clip.clone(), make_comfy_vae(seed)
+
+
+# A CLIP vision model of ViT-L/14's kind (class token, quick_gelu, pre-layer-norm, projection) at tiny widths,
+# in the keys of ComfyUI's comfy/clip_vision_config_vitl.json.
+TINY_CLIP_VISION_CONFIG = {
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    "image_size": 32,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 2,
+    "num_channels": 3,
+    "num_hidden_layers": 3,
+    "patch_size": 4,
+    "projection_dim": 16,
+    "torch_dtype": "float32",
+}
+
+
+def make_comfy_clip_vision(seed: int = 0):
+    """A tiny CLIP vision model as ``comfy.clip_vision.ClipVisionModel``, built by ComfyUI from a config file
+    like every CLIP vision it loads, with every weight set from the seed (ComfyUI's layers skip init)."""
+    _require_comfy()
+    import json
+    import pathlib
+    import tempfile
+
+    import comfy.clip_vision
+
+    with tempfile.TemporaryDirectory() as folder:   # ClipVisionModel reads its config from a file
+        config = pathlib.Path(folder) / "clip_vision_config_tiny.json"
+        config.write_text(json.dumps(TINY_CLIP_VISION_CONFIG))
+        clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
+    init_weights_(clip_vision.model, _generator(seed, "clip_vision"))
+    return clip_vision
 
 
 def clear_caches() -> None:
