@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from .attention import CROSS, SELF, AttentionCall, AttentionController, AttentionSite, level_grid
 from .capture import fold_repeated_context
-from .keyframe import gather_rows
 from .masks import otsu_mask
 from .prompt2prompt import PromptKeys
 
@@ -46,7 +45,7 @@ class _SubjectState:
     maps: dict = field(default_factory=dict)    # step -> [summed (items, words, h*w) maps, count]
     grid: tuple[int, int] | None = None         # the maps' (h, w)
     masks: dict = field(default_factory=dict)   # (step, h, w) -> (items, h*w) bool, after dropout
-    tables: dict = field(default_factory=dict)  # (layout, device) -> (rows each batch row reads, each row's image)
+    reads: dict = field(default_factory=dict)   # (step, h, w, device) -> (positions each image reads, key bias)
 
 
 def dropout_seed(seed: int, step: int, grid: tuple[int, int]) -> int:
@@ -175,17 +174,32 @@ class ConsistentSubject(AttentionController):
 
     # -- the shared keys (self-attention) ------------------------------------------------------------------
 
-    def _tables(self, call: AttentionCall, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch rows, images): the rows of the images of each row's own chunk and window, in image order;
-        (batch rows,): each row's image."""
+    def _reads(self, call: AttentionCall, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each image's rows read at this step and grid, as positions in its chunk's keys flattened over the
+        images (image j's token t at j * tokens + t): (images, L) positions and (images, L) key bias. Its own
+        tokens first (bias 0), then the other readable images' kept mask tokens (bias log share_weight), padded to
+        the longest image's L (bias -inf). Only the readable keys are gathered, so the attention costs what the
+        masks hold, not images times the tokens."""
         state = call.state(self)
-        key = (call.layout, str(device))
-        if key not in state.tables:
-            starts = torch.tensor(call.layout.window_starts(), device=device)
-            images = torch.arange(self.images, device=device)
-            rows = (starts[:, None, None] + images[None, None, :]).expand(-1, self.images, -1)
-            state.tables[key] = rows.reshape(-1, self.images), images.repeat(len(starts))
-        return state.tables[key]
+        key = (call.step,) + tuple(call.grid) + (str(device),)
+        if key not in state.reads:
+            mask = self._mask(call).cpu()   # one read of the GPU per step and grid
+            tokens = mask.shape[1]
+            shared = math.log(self.share_weight) if self.share_weight != 1 else 0.0
+            readable = range(self.anchors or self.images)
+            positions, biases = [], []
+            for i in range(self.images):
+                others = [j * tokens + mask[j].nonzero()[:, 0] for j in readable if j != i]
+                positions.append(torch.cat([i * tokens + torch.arange(tokens)] + others))
+                biases.append(torch.cat([torch.zeros(tokens), torch.full((len(positions[-1]) - tokens,), shared)]))
+            length = max(len(p) for p in positions)
+            table = torch.zeros(self.images, length, dtype=torch.long)
+            bias = torch.full((self.images, length), float("-inf"))
+            for i, (p, b) in enumerate(zip(positions, biases)):
+                table[i, :len(p)], bias[i, :len(b)] = p, b
+            state.reads = {k: v for k, v in state.reads.items() if k[0] == call.step}   # earlier steps are done
+            state.reads[key] = table.to(device), bias.to(device)
+        return state.reads[key]
 
     def edit_qkv(self, call: AttentionCall, q, k, v):
         if call.site.kind != SELF:
@@ -193,27 +207,24 @@ class ConsistentSubject(AttentionController):
         if k.shape[1] != q.shape[1]:
             raise ValueError("consistent subject: another controller already changed this layer's keys (Keyframe "
                              "Attention on the same layers?); share the subject on other layers")
-        rows, _ = self._tables(call, k.device)
-        return q, gather_rows(k, rows), gather_rows(v, rows)
+        table, _ = self._reads(call, k.device)
+        return q, _read(k, table, self.images), _read(v, table, self.images)
 
     def edit_bias(self, call: AttentionCall, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if call.site.kind != SELF:
             return bias
-        tokens = call.grid[0] * call.grid[1]
         if bias is not None:
             raise ValueError("consistent subject: another controller already biases this layer's keys (a second "
                              "Consistent Subject?); apply one per model")
-        if k.shape[1] != self.images * tokens:
+        table, own_bias = self._reads(call, k.device)
+        if k.shape[1] != table.shape[1]:
             raise ValueError("consistent subject: another controller changes this layer's keys after it (Keyframe "
                              "Attention on the same layers?); share the subject on other layers")
-        mask = self._mask(call)                                                    # (images, tokens)
-        shared = math.log(self.share_weight) if self.share_weight != 1 else 0.0
-        readable = torch.arange(self.images, device=mask.device) < (self.anchors or self.images)
-        own = torch.eye(self.images, dtype=torch.bool, device=mask.device)[:, :, None]
-        # row image i, key block j: its own tokens always, another image's inside its (kept) mask
-        others = torch.where(mask & readable[:, None], shared, float("-inf"))      # (images, tokens)
-        block = torch.where(own, 0.0, others[None].expand(self.images, -1, -1))
-        _, images = self._tables(call, mask.device)
-        return block.reshape(self.images, -1)[images].to(k.device)
+        return own_bias.repeat(k.shape[0] // self.images, 1)
 
 
+def _read(x: torch.Tensor, table: torch.Tensor, images: int) -> torch.Tensor:
+    """(chunks * images, tokens, dim) -> (chunks * images, L, dim): row (chunk c, image i) gets the positions
+    table[i] of chunk c's rows flattened over the images."""
+    chunks = x.reshape(-1, images * x.shape[1], x.shape[2])           # each chunk's keys, image after image
+    return chunks[:, table].reshape(-1, table.shape[1], x.shape[2])

@@ -113,8 +113,8 @@ DEPARTURES = {
         "core/consistory.py", 'size=grid, mode="bilinear",\n                            align_corners=False)',
         'size=grid, mode="nearest")', [f"{CONSISTORY}::test_sampling_loop_against_the_official_algorithm"]),
     "consistory_others_unmasked": (
-        "core/consistory.py", "torch.where(mask & readable[:, None], shared,",
-        "torch.where(readable[:, None].expand_as(mask), shared,",
+        "core/consistory.py", "others = [j * tokens + mask[j].nonzero()[:, 0] for j",
+        "others = [j * tokens + torch.arange(tokens) for j",
         [f"{CONSISTORY}::test_sampling_loop_against_the_official_algorithm"]),
     "consistory_dropout_keeps_the_dropped": (
         "core/consistory.py", "generator=generator, dtype=torch.float64) >= dropout",
