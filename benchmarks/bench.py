@@ -520,8 +520,41 @@ def rows_consistory(bench: Bench, pack):
     yield f"consistent subject, {images} prompts", t, peak, n * t_eval, n
 
 
+def rows_p3s(bench: Bench, pack):
+    """P3S-Diffusion (issue 15): training an adapter on 4 references for 60 epochs (one step per image: 240 steps of
+    the copy and the frozen UNet, forward and backward, batch 1), and sampling with it against plain sampling. Floors:
+    the training steps at 3 batch-1 evaluations each (forward of both UNets, backward about twice a forward, not
+    counted for the frozen weights), and the sampling steps at 2 evaluations (the copy and the UNet, CFG batched).
+    Goals: training <= 3 minutes and a peak that fits a 24 GB card; sampling within 1.3x of plain sampling."""
+    import comfy.sample
+    from editkit.nodes.p3s_adapter import P3SAdapter, conditioned_model, train
+    references, epochs, n = 4, 60 if bench.steps >= 50 else 1, bench.steps
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(references, 4, *bench.latent_hw, generator=g)
+    clip_width = 1024 if bench.positive[0][0].shape[-1] == 768 else 32
+    states = torch.randn(references, 257, clip_width, generator=g)
+    t_eval = bench.unet_eval(1)
+    yield "one UNet evaluation, batch 1", t_eval, None, t_eval, 1
+    adapter = P3SAdapter.fresh(bench.model, latents, states)
+    context = bench.positive[0][0]
+    _, t, peak = timed(bench.device, lambda: train(bench.model, adapter, context, context * 0, epochs, 1e-5))
+    steps = epochs * references
+    yield f"P3S training, {references} images x {epochs} epochs", t, peak, 3 * steps * t_eval, 3 * steps
+    latent = torch.zeros(1, 4, *bench.latent_hw)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    t_eval2 = bench.unet_eval(2)
+
+    def sample(model):
+        return bench._fastest(lambda: comfy.sample.sample(model, noise, n, 7.5, "ddim", "ddim_uniform", bench.positive,
+                                                          bench.negative, latent, seed=0, disable_pbar=True), 3)
+    t_plain, peak_plain = sample(bench.model)
+    yield "plain sampling, ddim, CFG", t_plain, peak_plain, n * t_eval2, n
+    t, peak = sample(conditioned_model(bench.model, adapter)[0])
+    yield "P3S conditioned sampling", t, peak, 2 * n * t_eval2, 2 * n
+
+
 ROWS = [rows_foundation, rows_inversion, rows_attention_control, rows_feature_injection, rows_latent_fuser,
-        rows_keyframe, rows_video_edit, rows_consistory]
+        rows_keyframe, rows_video_edit, rows_consistory, rows_p3s]
 
 
 def boot(cpu: bool):
@@ -536,7 +569,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
-    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser, keyframe, video_edit, consistory)")
+    parser.add_argument("--rows", default=None, help="comma-separated row groups to run (foundation, inversion, attention_control, feature_injection, latent_fuser, keyframe, video_edit, consistory, p3s)")
     args = parser.parse_args()
     cpu = args.tiny or not torch.cuda.is_available()
     pack = boot(cpu)
