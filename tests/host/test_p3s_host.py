@@ -21,6 +21,19 @@ def _references(n=3, seed=0):
     return images
 
 
+@pytest.fixture(scope="module", autouse=True)
+def p3s_folder(host, tmp_path_factory):
+    """models/p3s in a temporary folder: the tests never write into the ComfyUI tree."""
+    import folder_paths
+    from editkit.nodes.p3s_adapter import FOLDER, register_folder
+    register_folder()
+    saved = folder_paths.folder_names_and_paths[FOLDER]
+    folder = tmp_path_factory.mktemp("p3s")
+    folder_paths.folder_names_and_paths[FOLDER] = ([str(folder)], {".safetensors"})
+    yield folder
+    folder_paths.folder_names_and_paths[FOLDER] = saved
+
+
 @pytest.fixture(scope="module")
 def clip_vision(host):
     from support.tiny_models import make_comfy_clip_vision
@@ -177,7 +190,7 @@ def test_bad_files_are_refused(tiny, clip_vision, tmp_path):
         _condition(model, adapter, 3)
 
 
-def test_the_train_node_saves_its_adapter_and_draws_the_loss(tiny, clip_vision, host):
+def test_the_train_node_saves_its_adapter_and_draws_the_loss(tiny, clip_vision, host, p3s_folder):
     import folder_paths
     from editkit.nodes.p3s_nodes import LoadP3SAdapter, P3STrain
     model, clip, vae = tiny
@@ -187,6 +200,7 @@ def test_the_train_node_saves_its_adapter_and_draws_the_loss(tiny, clip_vision, 
     assert curve.shape[0] == 1 and curve.shape[-1] == 3
     assert len(adapter.metadata["losses"]) == 6
     assert "tiny_subject.safetensors" in folder_paths.get_filename_list("p3s")
+    assert (p3s_folder / "tiny_subject.safetensors").is_file()
     loaded = LoadP3SAdapter.execute(model, "tiny_subject.safetensors").result[0]
     assert torch.equal(loaded.state_dict()["zero.maps.output11_0_self.weight"],
                        adapter.state_dict()["zero.maps.output11_0_self.weight"])
@@ -247,3 +261,18 @@ def test_the_workflows_train_then_generate(host):
     samples = result.outputs[comfy_host.node_of(generate, "KSampler")][0]["samples"]
     assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all()
     assert result.ui[comfy_host.node_of(generate, "SaveImage")]["images"]
+
+
+def test_an_interrupted_training_writes_no_file(tiny, clip_vision, host, p3s_folder):
+    import comfy.model_management
+    import folder_paths
+    from editkit.nodes.p3s_nodes import P3STrain
+    model, clip, vae = tiny
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            P3STrain.execute(model, clip, vae, clip_vision, _references(), "a photo of sks dog", "interrupted", 3,
+                             1e-4, 0.1, 0.1, 0.2, 0)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not any(f.startswith("interrupted") for f in os.listdir(p3s_folder))
