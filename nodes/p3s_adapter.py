@@ -85,6 +85,7 @@ def _build_copy(unet) -> torch.nn.Module:
         if len(copied.middle_block) > 2:
             copied.middle_block[2] = torch.nn.Identity()
         copied.out = torch.nn.Identity()
+        copied.dtype = torch.float32
         for module in copied.modules():   # its own float32 weights: no casting, no patches of the original's
             if hasattr(module, "comfy_cast_weights"):
                 module.comfy_cast_weights = False
