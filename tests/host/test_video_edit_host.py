@@ -160,8 +160,10 @@ def test_fusion_keeps_the_sources_self_attention_outside_the_words_region(tiny, 
     from editkit.nodes.attention_control import AttentionFusionNode
     model, clip, _ = tiny
     noised, inversion, sigmas = inverted
+    # cross_replace 1: the fusion's map sites take explicit probabilities at every step, so do the plain run's
+    # (outside its cross window it would use the host's fused kernel, which rounds differently)
     settings = dict(target_prompt="a dog riding a bicycle", inversion=inversion, self_replace=1.0,
-                    self_max_resolution=32)
+                    self_max_resolution=32, cross_replace=1.0)
     plain = _sample(attention_controller(model, clip, "word_swap", **settings), noised, sigmas)
     fusion = lambda words, threshold: AttentionFusionNode.execute(words, threshold).result[0]   # noqa: E731
     none = _sample(attention_controller(model, clip, "word_swap", fusion=fusion("cat", 1.0), **settings),
