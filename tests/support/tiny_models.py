@@ -24,6 +24,8 @@ Public API (float32, CPU):
 * ``TINY_CLIP_VISION_CONFIG``  -- a tiny CLIP ViT config (32 px inputs, 4 px patches: an 8x8 patch grid)
 * ``make_comfy_clip_vision(seed=0)`` -> ``comfy.clip_vision.ClipVisionModel`` (what CLIPVisionLoader returns)
 * ``tiny_controlnet_state_dict(seed=0)`` -> a ControlNet state dict for ``comfy.controlnet``
+* ``toyworld_checkpoint()``   -> ``(MODEL, CLIP, VAE)`` of the same layout with the trained toy-world weights
+  (tests/toyworld/weights; see tests/toyworld/README.md)
 * ``save_tiny_controlnet(folder, seed=0, name=...)`` -> its file, for ControlNetLoader
   (``.safetensors``, or a ``torch.save`` dict under any other name, e.g. ``.pth``)
 
@@ -60,6 +62,12 @@ __all__ = [
     "tiny_controlnet_state_dict",
     "save_tiny_controlnet",
     "clear_caches",
+    "TOYWORLD_WEIGHTS",
+    "TOYWORLD_VAE_DDCONFIG",
+    "make_toyworld_model",
+    "make_toyworld_clip",
+    "make_toyworld_vae",
+    "toyworld_checkpoint",
 ]
 
 CONTEXT_DIM = 32
@@ -414,6 +422,7 @@ def clear_caches() -> None:
         _unet_sd_cache.clear()
         _vae_sd_cache.clear()
         _ckpt_cache.clear()
+        _toyworld_cache.clear()
 
 
 # ----------------------------------------------------------------------------
@@ -484,3 +493,96 @@ def save_tiny_controlnet(folder, seed: int = 0, name: str = "tiny_controlnet_sd1
     else:
         torch.save(sd, str(path))
     return path
+
+
+# ----------------------------------------------------------------------------
+# The toy-world checkpoint (trained weights, tests/toyworld)
+# ----------------------------------------------------------------------------
+
+import pathlib as _pathlib
+
+TOYWORLD_WEIGHTS = _pathlib.Path(__file__).resolve().parents[1] / "toyworld" / "weights"
+# The toy-world VAE: the tiny SD-VAE layout at 64 channels instead of 32. ComfyUI's Normalize is GroupNorm with
+# 32 groups, so at 32 channels every norm is an instance norm, which erases a flat image's colour (a background
+# is a per-channel constant); with two channels per group the colour survives (measured: 20 dB after 80 steps at
+# 64 channels, 10 dB after 450 at 32).
+TOYWORLD_VAE_DDCONFIG = {**TINY_VAE_DDCONFIG, "ch": 64}
+TOYWORLD_FILES = {
+    "unet": "toyworld_unet.safetensors",   # model.diffusion_model.state_dict() (ldm keys)
+    "clip": "toyworld_clip.safetensors",   # CLIP.cond_stage_model.state_dict() (clip_l.transformer.*)
+    "vae": "toyworld_vae.safetensors",     # AutoencoderKL.state_dict() (what comfy.sd.VAE(sd=...) takes)
+}
+
+
+def _load_toyworld_file(part: str, folder=None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = _pathlib.Path(folder or TOYWORLD_WEIGHTS) / TOYWORLD_FILES[part]
+    if not path.is_file():
+        raise FileNotFoundError(f"toy-world weights missing: {path} (train them with tests/toyworld/train.py; "
+                                "see tests/toyworld/README.md)")
+    return load_file(str(path))
+
+
+def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"toy-world {what} load mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+
+
+def make_toyworld_model(folder=None):
+    """The tiny ComfyUI MODEL of ``make_comfy_model`` (SD15: eps, scaled-linear schedule, SD15 latent format) with
+    the trained toy-world UNet weights."""
+    _require_comfy()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cpu = torch.device("cpu")
+    model_config = comfy.supported_models.SD15(TINY_COMFY_UNET_CONFIG)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=cpu)
+    _load_strict(model.diffusion_model, _load_toyworld_file("unet", folder), "unet")
+    model = model.to(cpu).eval()
+    model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def make_toyworld_clip(folder=None):
+    """The tiny CLIP of ``make_comfy_clip`` (ComfyUI's SD1 tokenizer) with the trained toy-world text encoder."""
+    clip = make_comfy_clip(seed=0)
+    _load_strict(clip.cond_stage_model, _load_toyworld_file("clip", folder), "text encoder")
+    return clip
+
+
+def make_toyworld_vae(folder=None):
+    """The toy-world VAE (``TOYWORLD_VAE_DDCONFIG``: the layout of ``make_comfy_vae`` at 64 channels) with its
+    trained weights, as ``comfy.sd.VAE``."""
+    _require_comfy()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    sd = _load_toyworld_file("vae", folder)
+    config = {"params": {"ddconfig": dict(TOYWORLD_VAE_DDCONFIG), "embed_dim": LATENT_CHANNELS}}
+    expected = set(AutoencoderKL(ddconfig=dict(TOYWORLD_VAE_DDCONFIG), embed_dim=LATENT_CHANNELS).state_dict())
+    if set(sd) != expected:
+        raise RuntimeError(f"toy-world vae load mismatch: missing={sorted(expected - set(sd))[:5]} "
+                           f"unexpected={sorted(set(sd) - expected)[:5]}")
+    return comfy.sd.VAE(sd=sd, device=torch.device("cpu"), config=config, dtype=torch.float32)
+
+
+_toyworld_cache: dict[str, tuple] = {}
+
+
+def toyworld_checkpoint(folder=None):
+    """``(MODEL, CLIP, VAE)`` of the toy-world checkpoint (tests/toyworld/README.md): the tiny SD1.5-layout models
+    of this module with the committed trained weights of ``tests/toyworld/weights``. Cached like
+    ``tiny_checkpoint``; every call returns clones (and a fresh VAE). Raises ``FileNotFoundError`` when the
+    weights are missing (a failure, never a skip)."""
+    key = str(_pathlib.Path(folder or TOYWORLD_WEIGHTS).resolve())
+    with _lock:
+        cached = _toyworld_cache.get(key)
+        if cached is None:
+            cached = (make_toyworld_model(folder), make_toyworld_clip(folder))
+            _toyworld_cache[key] = cached
+        model, clip = cached
+        return model.clone(), clip.clone(), make_toyworld_vae(folder)
