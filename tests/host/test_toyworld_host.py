@@ -73,3 +73,39 @@ def test_vae_round_trip_of_held_out_scenes_keeps_colour_position_and_background(
     assert {a: result[a] for a in ("colour", "position", "background")} == {
         "colour": 1.0, "position": 1.0, "background": 1.0}, result
     assert result["psnr"] > 24.0, result
+
+
+def test_the_training_probe_computes_comfyuis_cross_attention_and_the_localisation_loss(host):
+    """train.py's cross-attention probe (explicit softmax, maps kept for the localisation loss) leaves the UNet's
+    output as ComfyUI computes it; the loss is 0 for words that attend only inside their region and 1 for words
+    that attend only outside it."""
+    from support.tiny_models import make_comfy_model
+    from toyworld import train
+
+    unet = make_comfy_model(seed=3).model.diffusion_model
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        plain = unet(x, t, ctx)
+        probe = train.CrossAttentionProbe(unet)
+        probe.recording = True
+        probed = unet(x, t, ctx)
+    assert (probed - plain).abs().max() < 1e-5 * plain.abs().max()
+    assert {m.shape[1] for m in probe.maps} == {64, 16, 4} and all(m.shape[2] == 77 for m in probe.maps)
+    assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in probe.maps)
+
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1.0                                          # the object: the left half
+    objects, background = train.token_selection(torch.tensor([False]))
+    assert objects[0].nonzero().flatten().tolist() == [2, 3, 4] and background[0].nonzero().flatten().tolist() == [9]
+    probs = torch.zeros(1, 64, 77)
+    left = mask.flatten(1)[0] > 0
+    probs[0, left, 3] = 1.0                                      # colour word on the object, background word off it
+    probs[0, ~left, 9] = 1.0
+    assert train.localisation_loss([probs], mask, objects, background, torch.tensor([True])) == 0
+    assert train.localisation_loss([probs.flip(1)], mask, objects, background, torch.tensor([True])) == 1
+    assert train.localisation_loss([probs.flip(1)], mask, objects, background, torch.tensor([False])) == 0
+    assert train.unsaid_colour("a big red circle on the left, grey background") == \
+        "a big circle on the left, grey background"
+    unsaid_objects, unsaid_background = train.token_selection(torch.tensor([True]))
+    assert unsaid_objects[0].nonzero().flatten().tolist() == [2, 3]
+    assert unsaid_background[0].nonzero().flatten().tolist() == [8]
