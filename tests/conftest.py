@@ -3,6 +3,7 @@
 The pack's root is the repository itself (ComfyUI loads it from custom_nodes/<any name>), so the tests
 register it under a fixed package name; its __init__ imports nothing from ComfyUI until the host loads it.
 """
+import os
 import pathlib
 import sys
 
@@ -16,6 +17,12 @@ import_pack()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+# Two test workers (pytest-xdist, pyproject's addopts) share the cores: one torch thread each on two cores runs
+# nearly twice as fast as one process on two threads, whose small ops gain little from the second.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_configure(config):

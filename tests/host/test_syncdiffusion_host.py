@@ -77,7 +77,9 @@ def test_node_matches_the_official_loop(setup, lpips_weights):
     scale = expected.abs().max().item()
     error = (ours - expected).abs().max().item()
     print(f"sync node vs official loop: {error:.3g} of scale {scale:.3g}")
-    assert error <= 1e-4 * scale
+    # float32 rounding, amplified by the weight-20 gradient steps through the VAE and LPIPS: 0.7e-4 to 1.3e-4 of
+    # the scale over noise seeds 0-2 on an AVX-512 CPU (AMD EPYC); the synchronisation itself moves it by over 1e-2
+    assert error <= 5e-4 * scale
     assert (plain - expected).abs().max().item() > 1e-2 * scale     # the synchronisation changed the result
 
 

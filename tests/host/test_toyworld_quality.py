@@ -143,20 +143,36 @@ def _swap_guider(model, clip, source, colour, **settings):
                                 target_prompt=_swap(source, colour), cfg=CFG, **settings)
 
 
+def _noises(seeds) -> torch.Tensor:
+    """One row per seed, each the noise _noise(seed) gives: sampled as one batch."""
+    return torch.cat([_noise(seed) for seed in seeds])
+
+
 @pytest.fixture(scope="module")
-def word_swap(toy):
+def swap_pairs(toy):
+    """(source, edit) images of each swap at the node's defaults, per (caption, colour, seed); word swap and
+    local blend's no-blend baseline read the same samples."""
+    model, clip, vae = toy
+    pairs = {}
+    for source, colour in SWAP_PAIRS:
+        guider = _swap_guider(model, clip, source, colour)
+        for seed in SWAP_SEEDS:
+            pairs[source, colour, seed] = _images(vae, _sample(guider, _noise(seed), _ddim_sigmas(model)))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def word_swap(toy, swap_pairs):
     """Word swap at the node's defaults ("red circle" -> "blue circle"), 20 edits: the fraction whose object took
     the new colour, and the mean mask IoU of the object with the source's, for the edit and for plain sampling
     of the target prompt from the same noise."""
     model, clip, vae = toy
     changed, iou_edit, iou_plain = [], [], []
     for source, colour in SWAP_PAIRS:
-        guider = _swap_guider(model, clip, source, colour)
-        for seed in SWAP_SEEDS:
-            noise = _noise(seed)
-            pair = _images(vae, _sample(guider, noise, _ddim_sigmas(model)))
-            plain = _images(vae, _plain(model, clip, _swap(source, colour), noise))
-            src, edit, alone = (evaluate.segment(x) for x in (pair[0], pair[1], plain[0]))
+        plain = _images(vae, _plain(model, clip, _swap(source, colour), _noises(SWAP_SEEDS)))
+        for seed, alone in zip(SWAP_SEEDS, plain):
+            pair = swap_pairs[source, colour, seed]
+            src, edit, alone = (evaluate.segment(x) for x in (pair[0], pair[1], alone))
             changed.append(edit["colour"] == colour)
             iou_edit.append(_iou(src["mask"], edit["mask"]))
             iou_plain.append(_iou(src["mask"], alone["mask"]))
@@ -182,19 +198,18 @@ def test_word_swap_keeps_the_objects_mask(word_swap):
 
 
 @pytest.fixture(scope="module")
-def local_blend(toy):
+def local_blend(toy, swap_pairs):
     """The same swaps with the object's shape word blended, and without: the fraction of the pixels outside the
     source's object that change by more than 0.05 (of 1)."""
     model, clip, vae = toy
     moved = {"blend": [], "free": []}
     for source, colour in SWAP_PAIRS:
         shape = world.parse_caption(source).shape
-        guiders = {"blend": _swap_guider(model, clip, source, colour, blend_words=shape),
-                   "free": _swap_guider(model, clip, source, colour)}
+        blended = _swap_guider(model, clip, source, colour, blend_words=shape)
         for seed in SWAP_SEEDS:
-            noise = _noise(seed)
-            for name, guider in guiders.items():
-                pair = _images(vae, _sample(guider, noise, _ddim_sigmas(model)))
+            pairs = {"blend": _images(vae, _sample(blended, _noise(seed), _ddim_sigmas(model))),
+                     "free": swap_pairs[source, colour, seed]}
+            for name, pair in pairs.items():
                 outside = ~evaluate.segment(pair[0])["mask"]
                 change = (pair[1] - pair[0]).abs().amax(-1).numpy()
                 moved[name].append(float((change[outside] > 0.05).mean()))
@@ -295,9 +310,8 @@ def masactrl(toy):
         guider = attention_controller(model, clip, edit="masactrl", source_prompt=source, target_prompt=target,
                                       cfg=CFG)
         for seed in range(3):
-            noise = _noise(seed)
-            kept["masactrl"].append(_colours(vae, _sample(guider, noise, _ddim_sigmas(model)))[1] == colour)
-            kept["plain"].append(_colours(vae, _plain(model, clip, target, noise))[0] == colour)
+            kept["masactrl"].append(_colours(vae, _sample(guider, _noise(seed), _ddim_sigmas(model)))[1] == colour)
+        kept["plain"] += [c == colour for c in _colours(vae, _plain(model, clip, target, _noises(range(3))))]
     found = {n: float(np.mean(v)) for n, v in kept.items()}
     print(f"\nMasaCtrl, {len(kept['plain'])} edits, the source's colour kept: "
           + ", ".join(f"{n} {v:.0%}" for n, v in found.items()))

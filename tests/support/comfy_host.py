@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import copy
+import inspect
 import json
 import logging
 import os
@@ -658,7 +659,9 @@ def ui_to_api(workflow: dict) -> dict:
                 continue
             linked[name] = resolved[1]
 
-        wv = node.get("widgets_values")
+        # Front ends since 1.4x also save values by name and can restore by them; that save wins when present.
+        named = node.get("widgets_values_named")
+        wv = named if isinstance(named, dict) else node.get("widgets_values")
         if isinstance(wv, dict):
             for name, _t, _o in _widget_layout(class_def, wv):
                 if name is not None and name in wv:
@@ -760,8 +763,9 @@ async def _run_prompt_async(prompt: dict, extra_data: dict | None):
         raise HostError(_format_validation_error(error or {}, node_errors), {"error": error, "node_errors": node_errors})
 
     server = _FakeServer()
+    # "ram_inactive" is read since v0.23; older executors ignore the extra key.
     executor = execution.PromptExecutor(
-        server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0.0}
+        server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0}
     )
     extra = {"client_id": "comfy-host"}
     extra.update(extra_data or {})
@@ -782,6 +786,8 @@ async def _run_prompt_async(prompt: dict, extra_data: dict | None):
     outputs, raw = {}, {}
     for nid in prompt:
         entry = executor.caches.outputs.get(nid)
+        if inspect.isawaitable(entry):  # the cache's get is a coroutine since v0.18
+            entry = await entry
         if entry is None:
             continue
         data = entry.outputs

@@ -1,6 +1,7 @@
 // Migrations of workflows saved with earlier versions of the pack's nodes (pure functions, no imports, so
-// that the tests can run them with Node.js). The front end restores widget values by position only, so a
-// node whose widgets changed must have its saved values rewritten before the graph is configured.
+// that the tests can run them with Node.js). The front end restores widget values by position, and newer
+// front ends (1.4x) also by name from `widgets_values_named`, so a node whose widgets changed must have both
+// rewritten before the graph is configured.
 
 // The Attention Controller's widgets before they were grouped under the `edit` DynamicCombo.
 const OLD_CONTROLLER_WIDGETS = [
@@ -22,10 +23,22 @@ const MASACTRL_SETTINGS = [
 ];
 const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "COMBO"]);
 
+function isOldNamed(named) {
+  return named !== null && typeof named === "object" && "masactrl_start_layer" in named;
+}
+
 export function isOldAttentionController(node) {
+  if (node.type !== "EditKitAttentionController") return false;
   const values = node.widgets_values;
-  return node.type === "EditKitAttentionController" && Array.isArray(values)
-    && values.length === OLD_CONTROLLER_WIDGETS.length && typeof values[6] === "string";
+  return isOldNamed(node.widgets_values_named) || (Array.isArray(values)
+    && values.length === OLD_CONTROLLER_WIDGETS.length && typeof values[6] === "string");
+}
+
+// The old widgets' values by name; a named save wins over the positional list, as it does when restoring.
+function oldValues(node) {
+  const values = Array.isArray(node.widgets_values) ? node.widgets_values : [];
+  const named = isOldNamed(node.widgets_values_named) ? node.widgets_values_named : {};
+  return Object.fromEntries(OLD_CONTROLLER_WIDGETS.map((name, i) => [name, name in named ? named[name] : values[i]]));
 }
 
 function newSettings(old) {
@@ -56,7 +69,7 @@ function setLinkTargetSlot(link, slot) {
 // Rewrites one node of the old layout in place (its values, its input slots and the links into them).
 export function migrateAttentionController(node, links) {
   if (!isOldAttentionController(node)) return false;
-  const old = Object.fromEntries(OLD_CONTROLLER_WIDGETS.map((name, i) => [name, node.widgets_values[i]]));
+  const old = oldValues(node);
   const settings = newSettings(old);
   const layout = old.edit === "masactrl" ? MASACTRL_SETTINGS : PROMPT_TO_PROMPT_SETTINGS;
   const oldInputs = node.inputs ?? [];
@@ -92,6 +105,10 @@ export function migrateAttentionController(node, links) {
   }
   node.inputs = inputs;
   node.widgets_values = values;
+  if ("widgets_values_named" in node) {
+    const names = inputs.filter((input) => input.widget).map((input) => input.widget.name);
+    node.widgets_values_named = Object.fromEntries(names.map((name, i) => [name, values[i]]));
+  }
   return true;
 }
 
