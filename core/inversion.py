@@ -372,13 +372,9 @@ def save_inversion(inversion: Inversion, path) -> None:
 
 def load_inversion(path, input_name: str = "inversion") -> Inversion:
     import json
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get(FORMAT_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:   # not a safetensors file at all
-        raise NotAnInversionError(f"{input_name}: '{path}' is not a saved inversion ({e})") from None
+    from .files import read_safetensors
+    metadata, tensors = read_safetensors(path, input_name, NotAnInversionError)
+    header = metadata.get(FORMAT_KEY)
     if header is None:
         raise NotAnInversionError(f"{input_name}: '{path}' is a safetensors file but not a saved inversion "
                                   f"(no '{FORMAT_KEY}' metadata); save one with 'Save Inversion'")

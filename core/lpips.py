@@ -213,16 +213,12 @@ def convert_official(vgg_features_state: dict, lin_state: dict) -> dict:
 
 def load_lpips(path) -> LPIPS:
     """Load the pack's `.safetensors` LPIPS file (see tools/make_lpips_weights.py for how to make it)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .files import read_safetensors
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no LPIPS weights at {path}; create them with tools/make_lpips_weights.py")
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable .safetensors file: {error}") from error
+    _, state = read_safetensors(path, "lpips")
     problems = state_problems(state)
     if problems:
         raise ValueError(f"{path} is not a VGG LPIPS weights file in this pack's layout (expected the 31 tensors "

@@ -17,7 +17,7 @@ from ..core.tokens import (AlignmentError, PromptTokens, UnknownWordError, find_
                            word_positions)
 from .comfy_attention import attach_controller, attention_sites
 from .comfy_tokens import prompt_tokens, word_codec
-from .host_helpers import check_context_width, require_sd_unet
+from .host_helpers import check_context_width, dynamic_choice, require_sd_unet
 from .inversion import InversionType
 from .pair_guider import PairCFGGuider
 
@@ -181,10 +181,11 @@ class AttentionControllerNode(io.ComfyNode):
                 InversionType.Input("inversion", optional=True,
                                     tooltip="From 'Invert Image': edit that photo (source = its inversion)."),
                 io.Autogrow.Input("more_targets", optional=True,
+                                  # min 1 of an optional slot: a fresh node offers one empty slot to connect
                                   template=io.Autogrow.TemplatePrefix(
-                                      io.String.Input("target", multiline=True,
+                                      io.String.Input("target", multiline=True, optional=True,
                                                       tooltip="Another edited prompt, sampled in the same run."),
-                                      prefix="target_", min=0, max=MAX_EXTRA_TARGETS),
+                                      prefix="target_", min=1, max=MAX_EXTRA_TARGETS),
                                   tooltip="More target prompts, each edited like target_prompt in the same run "
                                           "(connect text nodes)."),
                 FusionType.Input("fusion", optional=True,
@@ -196,13 +197,12 @@ class AttentionControllerNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, source_prompt, target_prompt, negative_prompt, edit, cfg, inversion=None,
-                more_targets=None, fusion=None) -> io.NodeOutput:
+    def execute(cls, model, clip, source_prompt, target_prompt, negative_prompt, edit=None, cfg=None, inversion=None,
+                more_targets=None, fusion=None) -> io.NodeOutput:   # edit=None: see dynamic_choice
         inner = require_sd_unet(model)
+        kind = dynamic_choice(edit, "edit", EDITS)
         settings = dict(edit)
-        kind = settings.pop("edit", None)
-        if kind not in EDITS:
-            raise ValueError(f"edit: '{kind}' is not one of {', '.join(EDITS)}")
+        settings.pop("edit")
         source = EncodedPrompt(clip, source_prompt, "source_prompt", allow_empty=True)   # a photo inverted with ""
         targets = [EncodedPrompt(clip, target_prompt, "target_prompt")]
         for name, text in sorted((more_targets or {}).items()):

@@ -125,6 +125,9 @@ class ConsistentSubjectNode(io.ComfyNode):
         lines = _prompt_lines(prompts)
         if not lines:
             raise ValueError("prompts: type one prompt per line, each naming the subject")
+        if len(lines) == 1:
+            raise ValueError("prompts: one prompt; the subject is shared across two or more images, one prompt per "
+                             "line (one image alone samples the same without this node)")
         words = split_words(subject)
         if not words:
             raise ValueError("subject: name the subject's word(s), e.g. 'fox', as written in every prompt")

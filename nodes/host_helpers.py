@@ -112,3 +112,15 @@ def replace_context(conds: list, make_context) -> list:
         c["model_conds"] = model_conds
         out.append(c)
     return out
+
+
+def dynamic_choice(value, input_name: str, options) -> str:
+    """The option a DynamicCombo input chose. ComfyUI drops the input altogether when a saved value is not one of
+    the options (an old or hand-edited workflow), so the nodes take it with a None default and refuse it here,
+    naming the input and its options, instead of failing with a bare TypeError about a missing argument."""
+    name = value.get(input_name) if isinstance(value, dict) else value
+    if name not in options:
+        saved = "the saved value" if value is None else f"'{name}'"
+        raise ValueError(f"{input_name}: {saved} is not one of {', '.join(options)} (an old or edited workflow?); "
+                         f"choose one")
+    return name

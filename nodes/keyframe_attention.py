@@ -16,7 +16,7 @@ from ..core.attention import FrameWindow
 from ..core.keyframe import MODES, KeyframeAttention, frame_windows, previous_frame_pull
 from ..core.schedule import step_index
 from .comfy_attention import FRAME_WINDOW_KEY, FRAMES_KEY, attach_controller, chosen_self_layers, with_transformer_option
-from .host_helpers import map_cond_tensors
+from .host_helpers import dynamic_choice, map_cond_tensors
 from .pair_guider import clips_first
 
 CATEGORY = "EditKit/video"
@@ -38,6 +38,17 @@ def _indices(text: str) -> tuple[int, ...]:
 
 
 WINDOWS_KEY = "editkit_frame_windows"
+CHECK_KEY = "editkit_keyframe_batch"
+
+
+def _refuse_one_frame(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: a latent of one image has no other frame to read, so the node would change nothing."""
+    latent = args[1] if len(args) > 1 else kwargs.get("latent_image")
+    if latent is not None and latent.shape[0] < 2:
+        raise ValueError("latent: one image; Keyframe Attention shares keys and values across the frames of a batch, "
+                         "so it changes nothing here: sample a batch of 2 or more (Empty Latent Image's batch_size, "
+                         "or a video's frames), or bypass the node")
+    return executor(*args, **kwargs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,8 +89,9 @@ class FrameWindows:
 
 @dataclass(frozen=True, eq=False)
 class PreviousFramePull:
-    """Post-CFG function: Pix2Video's pull of each frame's predicted image towards the previous frame's, in the
-    first `until` of the steps (core previous_frame_pull)."""
+    """Post-CFG function: Pix2Video's pull of each frame's predicted image towards the previous frame's, on the
+    steps 0 to int(until * N) of N (core previous_frame_pull). The official code zeroes the weight once its step
+    index passes 25 of 50, so it pulls on 26 steps: `until` 0.5 is its setting."""
     weight: float
     until: float
 
@@ -91,7 +103,7 @@ class PreviousFramePull:
         sigmas = [float(s) for s in schedule.flatten().tolist()]
         sigma = float(args["sigma"].flatten()[0])
         step = step_index(sigma, sigmas)
-        if step >= int(self.until * (len(sigmas) - 1)) or step + 1 >= len(sigmas):
+        if step > int(self.until * (len(sigmas) - 1)) or step + 1 >= len(sigmas):
             return denoised
         frames = args["model_options"].get("transformer_options", {}).get(FRAMES_KEY)
         if frames is None:
@@ -148,22 +160,21 @@ class KeyframeAttentionNode(io.ComfyNode):
                              tooltip="Long videos: frames per model call (plus the keyframes they read, e.g. "
                                      "frame 0), so memory is bounded by the window, not the video; every frame "
                                      "reads the same keyframes as in one batch. 0: all frames in one call."),
-                io.Float.Input("previous_frame_pull", default=0.0, min=0.0, max=10000.0, step=1.0,
+                io.Float.Input("previous_frame_pull", default=0.0, min=0.0, max=1000.0, step=1.0,
                                tooltip="Pix2Video's latent guidance: each frame's predicted image pulled towards "
                                        "the previous frame's (paper: 100, first half of the steps). 0: off. "
                                        "Exact for euler / ddim."),
                 io.Float.Input("pull_until", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the steps with the previous-frame pull (paper: 25 of 50)."),
+                               tooltip="Fraction of the steps with the previous-frame pull: steps 0 to until x N (paper's "
+                                       "code: 0.5, steps 0-25 of 50)."),
             ],
             outputs=[io.Model.Output(tooltip="The model whose batch shares attention: connect it to the sampler.")],
         )
 
     @classmethod
-    def execute(cls, model, mode, layers, start_at, end_at, frame_window, previous_frame_pull=0.0,
-                pull_until=0.5) -> io.NodeOutput:
-        name = mode.get("mode") if isinstance(mode, dict) else mode
-        if name not in MODES:
-            raise ValueError(f"mode: '{name}' is not one of {', '.join(MODES)}")
+    def execute(cls, model, mode=None, layers=None, start_at=None, end_at=None, frame_window=None,
+                previous_frame_pull=0.0, pull_until=0.5) -> io.NodeOutput:   # mode=None: see dynamic_choice
+        name = dynamic_choice(mode, "mode", MODES)
         if start_at >= end_at:
             raise ValueError(f"start_at: {start_at} must be smaller than end_at ({end_at})")
         indices = _indices(mode.get("indices", "")) if name == "indices" else ()
@@ -178,6 +189,7 @@ class KeyframeAttentionNode(io.ComfyNode):
             raise ValueError("frame_window: mode all reads every frame, so it cannot run in windows; use first, "
                              "first_and_previous, middle or indices, or set frame_window to 0")
         patched = attach_controller(model, controller)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CHECK_KEY, _refuse_one_frame)
         if previous_frame_pull > 0 and pull_until > 0:
             patched.set_model_sampler_post_cfg_function(PreviousFramePull(previous_frame_pull, pull_until))
         if frame_window:

@@ -32,7 +32,7 @@ from ..core.multidiffusion import (Fusion, Window, bootstrap_choices, crop, regi
 from ..core.schedule import step_index
 from ..core.syncdiffusion import SyncSettings, anchor_index, shift_correction, sync_shifts
 from .comfy_attention import CONTROLS_KEY, WINDOW_GROUPS_KEY, with_transformer_option
-from .host_helpers import map_cond_tensors
+from .host_helpers import dynamic_choice, map_cond_tensors
 from .inversion import autograd_usable_weights
 
 CATEGORY = "EditKit/fusion"
@@ -418,7 +418,7 @@ class LatentFuserNode(io.ComfyNode):
                                                "tools/make_lpips_weights.py (see the README)."),
                         io.Float.Input("sync_until", default=0.2, min=0.0, max=1.0, step=0.01,
                                        tooltip="Fraction of the steps with synchronisation (paper: 10 of 50)."),
-                        io.Float.Input("sync_weight", default=20.0, min=0.0, max=1000.0, step=0.5,
+                        io.Float.Input("sync_weight", default=20.0, min=0.0, max=200.0, step=0.5,
                                        tooltip="Gradient step weight of the first step (paper: 20)."),
                         io.Float.Input("sync_decay", default=0.95, min=0.0, max=1.0, step=0.01,
                                        tooltip="Weight decay per step (paper: 0.95)."),
@@ -430,8 +430,9 @@ class LatentFuserNode(io.ComfyNode):
                     ]),
                 ]),
                 io.Autogrow.Input("regions", optional=True,
-                                  template=io.Autogrow.TemplatePrefix(RegionType.Input("region"), prefix="region_",
-                                                                      min=0, max=16),
+                                  # min 1 of an optional slot: a fresh node offers one empty slot to connect
+                                  template=io.Autogrow.TemplatePrefix(RegionType.Input("region", optional=True),
+                                                                      prefix="region_", min=1, max=16),
                                   tooltip="Region prompts (EditKit Region Prompt): each region is denoised with its "
                                           "own prompt inside its mask; the sampler's positive prompt is the "
                                           "background."),
@@ -448,12 +449,16 @@ class LatentFuserNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, window, stride, window_batch, circular, mode, bootstrap, seed, regions=None,
-                vae=None) -> io.NodeOutput:
+    def execute(cls, model, window, stride, window_batch, circular, mode=None, bootstrap=None, seed=None,
+                regions=None, vae=None) -> io.NodeOutput:   # mode=None: see dynamic_choice
+        dynamic_choice(mode, "mode", MODES)
         ratio = model.model.latent_format.spacial_downscale_ratio
         for name, value in (("window", window), ("stride", stride)):
             if value % ratio:
                 raise ValueError(f"{name}: {value} px is not a multiple of {ratio} (the model's latent pixel)")
+        if stride > window:
+            raise ValueError(f"stride: {stride} px between windows of window {window} px leaves the {stride - window} "
+                             f"px between them uncovered (never denoised); set stride to at most window")
         chosen = tuple(r for _, r in sorted((regions or {}).items()) if r is not None)
         bootstrap_latents = None
         if chosen and bootstrap > 0:
@@ -471,9 +476,7 @@ class LatentFuserNode(io.ComfyNode):
 
 def _sync_settings(mode: dict, regions, vae) -> tuple[SyncSettings | None, dict | None]:
     """SyncDiffusion's settings and LPIPS weights from the node's mode, or (None, None) for MultiDiffusion."""
-    name = mode.get("mode") if isinstance(mode, dict) else mode
-    if name not in MODES:
-        raise ValueError(f"mode: '{name}' is not one of {', '.join(MODES)}")
+    name = dynamic_choice(mode, "mode", MODES)
     if name == "multidiffusion":
         return None, None
     if regions:

@@ -21,6 +21,7 @@ from comfy_api.latest import io
 from ..core.pointmask import (FILL_COLOURS, FILL_REGIONS, NEGATIVE, POSITIVE, encode_grid, fill_image, parse_points,
                               patch_grid, preview, subject_mask, tile_layout)
 from ..core.pointmask import fill_region as region_to_fill
+from .host_helpers import dynamic_choice
 
 CATEGORY = "EditKit/P3S"
 HIDDEN_STATES = {"penultimate": "penultimate_hidden_states", "last": "last_hidden_state"}
@@ -35,10 +36,17 @@ def encoder_geometry(clip_vision) -> tuple[int, int]:
     config = getattr(clip_vision, "config", {}) or {}
     model_type = getattr(clip_vision, "model_type", config.get("model_type"))
     size, patch = getattr(clip_vision, "image_size", 0) or 0, config.get("patch_size")
-    if model_type not in ENCODER_TYPES or not patch or size <= 0 or size % patch:
-        raise ValueError(f"clip_vision: a {model_type} with {size} px inputs and {patch} px patches has no fixed "
-                         f"square patch grid; load a CLIP vision model (the paper: CLIP ViT-L/14, "
+    if size <= 0:
+        raise ValueError(f"clip_vision: this {model_type} has no fixed input size (a NaFlex encoder such as SigLIP 2), "
+                         f"so its patches have no fixed grid; load a CLIP vision model (the paper: CLIP ViT-L/14, "
                          f"clip-vit-large-patch14)")
+    if model_type not in ENCODER_TYPES:
+        raise ValueError(f"clip_vision: a {model_type} encoder is not supported; the Point Mask reads the patch tokens "
+                         f"of CLIP or SigLIP vision models ({', '.join(ENCODER_TYPES)}): load one (the paper: CLIP "
+                         f"ViT-L/14, clip-vit-large-patch14)")
+    if not patch or size % patch:
+        raise ValueError(f"clip_vision: its {size} px inputs are not a whole number of its {patch} px patches, so "
+                         f"its patches have no grid to place points on; load another CLIP vision model")
     return size // patch, patch
 
 
@@ -116,11 +124,9 @@ class PointMaskRNGR(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, clip_vision, positive_points, negative_points, resolution, hidden_state, smoothing,
-                fill_region, fill) -> io.NodeOutput:
-        mode = resolution.get("resolution") if isinstance(resolution, dict) else resolution
-        if mode not in ("tiled", "coarse"):
-            raise ValueError(f"resolution: '{mode}' is not one of tiled, coarse")
+    def execute(cls, image, clip_vision, positive_points, negative_points, resolution=None, hidden_state=None,
+                smoothing=None, fill_region=None, fill=None) -> io.NodeOutput:   # resolution=None: see dynamic_choice
+        mode = dynamic_choice(resolution, "resolution", ("tiled", "coarse"))
         if hidden_state not in HIDDEN_STATES:
             raise ValueError(f"hidden_state: '{hidden_state}' is not one of {', '.join(HIDDEN_STATES)}")
         if fill_region not in FILL_REGIONS:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.attention import CROSS, SELF, AttentionSite, RunState, sites_for_transformers
+from ..core.files import read_safetensors
 from ..core.p3s import (ALPHA, BETA, LAMBDA, POWER, LastCrossProbs, P3SInjection, RNGREncoder, ZeroProjections,
                         injection_weight)
 from .comfy_attention import RUN_KEY, _unet, _unet_blocks, attach_controller, transformer_blocks
@@ -161,18 +162,14 @@ class P3SAdapter:
 
     @staticmethod
     def load(path: str, model_patcher) -> "P3SAdapter":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
         name = os.path.basename(path)
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        meta, tensors = read_safetensors(path, "p3s_adapter")
         if meta.get("format") != FORMAT:
             raise ValueError(f"p3s_adapter: '{name}' is not a P3S adapter (its metadata names no '{FORMAT}' format); "
                              f"train one with the P3S Train node")
         if int(meta.get("version", 0)) != VERSION:
             raise ValueError(f"p3s_adapter: '{name}' is of format version {meta.get('version')}, this pack reads "
                              f"version {VERSION}")
-        tensors = load_file(path)
         latents, clip_states = tensors["reference.latents"], tensors["reference.clip_states"]
         adapter = P3SAdapter.fresh(model_patcher, latents, clip_states)
         adapter.layout = json.loads(meta["layout"])
@@ -274,6 +271,9 @@ def conditioned_model(model_patcher, adapter: P3SAdapter, reference: int = 0, la
                       alpha: float = ALPHA, beta: float = BETA, power: float = POWER, keep_probs: bool = False):
     """A clone of the model with the adapter injected; (clone, wrapper, probs controller or None)."""
     import comfy.patcher_extension
+    if model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
+        raise ValueError("model: a P3S adapter is already on this model (from another P3S Conditioner); connect "
+                         "the checkpoint's MODEL, one adapter per model")
     adapter.check_model(model_patcher)
     if not 0 <= reference < adapter.references:
         raise ValueError(f"reference: {reference} is not one of the adapter's {adapter.references} reference images "

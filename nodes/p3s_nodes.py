@@ -9,6 +9,7 @@ trained adapter on a MODEL for any sampler.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from comfy_api.latest import io
@@ -21,11 +22,15 @@ AdapterType = io.Custom("EDITKIT_P3S_ADAPTER")
 NO_ADAPTER = "(no adapters in models/p3s)"
 
 
+REFERENCES = (3, 5)   # the paper trains on 3-5 photos of the subject (sec. III-B)
+
+
 def _file_name(name: str) -> str:
-    name = name.strip()
-    if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
-        raise ValueError(f"name: '{name}' is not a file name; use letters, digits, '-' and '_' (e.g. 'sks_dog')")
-    return name if name.endswith(".safetensors") else name + ".safetensors"
+    """The adapter's file name: letters, digits, '-' and '_', with or without the .safetensors ending."""
+    stem = name.strip().removesuffix(".safetensors")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", stem):
+        raise ValueError(f"name: '{name}' is not an adapter name; use letters, digits, '-' and '_' (e.g. 'sks_dog')")
+    return stem + ".safetensors"
 
 
 def _encode_references(vae, clip_vision, images: torch.Tensor, model_patcher):
@@ -68,6 +73,9 @@ class P3STrain(io.ComfyNode):
                                tooltip="lambda of eq. 7: how much of the copy's features joins the values (0.2)."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
                              tooltip="Seed of the initialisation, the timesteps, the noise and the order."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace an adapter of the same name in models/p3s; off, that name is "
+                                         "refused before training starts."),
             ],
             outputs=[
                 AdapterType.Output(display_name="p3s_adapter", tooltip="The trained adapter, for P3S Conditioner."),
@@ -78,7 +86,7 @@ class P3STrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, images, prompt, name, epochs, learning_rate, attention_loss,
-                condition_dropout, lam, seed) -> io.NodeOutput:
+                condition_dropout, lam, seed, overwrite=False) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -86,12 +94,18 @@ class P3STrain(io.ComfyNode):
         require_sd_unet(model)
         if images.ndim != 4 or images.shape[0] < 1:
             raise ValueError(f"images: expected a batch of reference images (B, H, W, 3), got {tuple(images.shape)}")
+        if not REFERENCES[0] <= images.shape[0] <= REFERENCES[1]:
+            raise ValueError(f"images: {images.shape[0]} reference image(s); P3S learns a subject from "
+                             f"{REFERENCES[0]} to {REFERENCES[1]} photos of it (the paper's setting): batch that many")
         if images.shape[1] % 8 or images.shape[2] % 8:
             raise ValueError(f"images: {images.shape[2]}x{images.shape[1]} is not a multiple of 8 pixels; resize them")
         if not prompt.strip():
             raise ValueError("prompt: give the identifier prompt, e.g. 'a photo of sks dog'")
         register_folder()
         path = os.path.join(folder_paths.folder_names_and_paths[FOLDER][0][0], _file_name(name))
+        if os.path.exists(path) and not overwrite:
+            raise ValueError(f"name: models/p3s already holds '{os.path.basename(path)}'; choose another name, or "
+                             f"switch overwrite on to replace it")
         latents, states = _encode_references(vae, clip_vision, images, model)
         encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0]   # noqa: E731
         adapter = P3SAdapter.fresh(model, latents, states, seed)

@@ -59,8 +59,9 @@ def make_motion_latents(model, positive, negative, latent, frames: int, seed: in
     tests."""
     sampling = _sampling(model)
     samples = _one_image(model, latent)
-    if frames < 1:
-        raise ValueError(f"frames: expected at least 1, got {frames}")
+    if frames < 2:
+        raise ValueError(f"frames: expected at least 2, got {frames} (one frame has no motion: sample it with "
+                         f"KSampler)")
     if steps < 1:
         raise ValueError(f"steps: expected at least 1, got {steps}")
     if scheduler not in comfy.samplers.SCHEDULER_NAMES:
@@ -138,7 +139,7 @@ class MotionLatentsNode(io.ComfyNode):
                                                           "guided by it)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt."),
                 io.Latent.Input("latent", tooltip="Empty Latent Image of ONE image: its size is the frames' size."),
-                io.Int.Input("frames", default=8, min=1, max=4096,
+                io.Int.Input("frames", default=8, min=2, max=4096,
                              tooltip="Number of frames F (official demo: 8)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seed of the first frame's noise (drawn as KSampler draws it, so frame 0 is "
@@ -157,7 +158,7 @@ class MotionLatentsNode(io.ComfyNode):
                                        "scene slides the opposite way on screen (positive x: the scene moves left)."),
                 io.Float.Input("motion_y", default=1.0, min=-100.0, max=100.0, step=0.1,
                                tooltip="Direction δ of the camera motion, y (positive: the scene moves up)."),
-                io.Float.Input("strength", default=12.0, min=0.0, max=1000.0, step=0.5,
+                io.Float.Input("strength", default=12.0, min=0.0, max=120.0, step=0.5,
                                tooltip="λ: image pixels per frame along δ (official: 12 at 512 px, i.e. 1.5 latent "
                                        "pixels). 0: no motion."),
                 io.Int.Input("start_at_step", default=2, min=0, max=10000,

@@ -100,8 +100,12 @@ def test_save_and_load_round_trip(tmp_path, setup):
     with pytest.raises(NotAnInversionError, match="not a saved inversion"):
         load_inversion(tmp_path / "lora.safetensors")
     (tmp_path / "text.safetensors").write_text("hello")
-    with pytest.raises(NotAnInversionError, match="inversion: .* is not a saved inversion"):
+    with pytest.raises(NotAnInversionError, match="inversion: 'text.safetensors' is damaged or not a .safetensors"):
         load_inversion(tmp_path / "text.safetensors")
+    saved = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(saved[:len(saved) // 2])   # a copy that stopped half-way
+    with pytest.raises(NotAnInversionError, match="inversion: 'cut.safetensors' is damaged"):
+        load_inversion(tmp_path / "cut.safetensors")
 
 
 def _reference_null_text(eps_fn, latents, sigmas, cond, uncond, guidance, s):

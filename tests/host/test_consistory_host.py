@@ -28,11 +28,10 @@ def _sample(model, clip, positive, images, seed=0):
                                torch.zeros_like(noise), disable_pbar=True, seed=seed)
 
 
-def test_one_prompt_and_share_weight_0_are_plain_sampling(tiny):
+def test_one_prompt_is_refused_and_share_weight_0_is_plain_sampling(tiny):
     model, clip, _ = tiny
-    patched, positive, batch = _node(model, clip, prompts=PROMPTS[:1])
-    assert batch == 1
-    assert torch.equal(_sample(patched, clip, positive, 1), _sample(model, clip, positive, 1))
+    with pytest.raises(ValueError, match="prompts: one prompt; the subject is shared across two or more images"):
+        _node(model, clip, prompts=PROMPTS[:1])
     patched, positive, batch = _node(model, clip, share_weight=0.0)
     assert batch == 3 and positive[0][0].shape[0] == 3
     assert torch.equal(_sample(patched, clip, positive, 3), _sample(model, clip, positive, 3))

@@ -1,6 +1,4 @@
 """The shipped Plug-and-Play workflows in the real ComfyUI executor, on the tiny model (and a tiny ControlNet)."""
-import copy
-
 import pytest
 import torch
 
@@ -12,7 +10,6 @@ CONTROLNET = "Plug-and-Play, translate a photo with depth ControlNet.json"
 WORKFLOWS = [PLAIN, CONTROLNET]
 CONTROLNET_FILE = "control_v11f1p_sd15_depth_fp16.safetensors"   # the name the shipped workflow loads
 DEPTH_MAP = "example_depth.png"
-CONTROLNET_BRANCH = ("ControlNetLoader", "ControlNetApplyAdvanced", "LoadImage")   # (the depth map's LoadImage)
 NEGATIVE = "ugly, blurry, black, low res, unrealistic"
 
 
@@ -47,19 +44,13 @@ def controlnet_folder(host, tmp_path_factory):
     folder_paths.filename_list_cache.pop("controlnet", None)
 
 
-def _workflow(name, controlnet_enabled=False):
-    wf = comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)
-    if controlnet_enabled:
-        branch = [n for n in wf["nodes"] if n["mode"] == comfy_host.MODE_BYPASS]
-        assert sorted(n["type"] for n in branch) == sorted(CONTROLNET_BRANCH)
-        for n in branch:
-            n["mode"] = 0
-    return wf
+def _workflow(name):
+    return comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / name)
 
 
-def _prompt(name, controlnet_enabled=False, target=None, negative=None, **injector_inputs):
+def _prompt(name, target=None, negative=None, **injector_inputs):
     """A shipped workflow on the tiny model, shrunk for the CPU (the 64x64 photo, few steps)."""
-    prompt = comfy_host.tiny_prompt(_workflow(name, controlnet_enabled), STEPS)
+    prompt = comfy_host.tiny_prompt(_workflow(name), STEPS)
     injector = prompt[comfy_host.node_of(prompt, "EditKitFeatureInjector")]["inputs"]
     injector.update(injector_inputs)
     for text, port in ((target, "positive"), (negative, "negative")):
@@ -70,7 +61,7 @@ def _prompt(name, controlnet_enabled=False, target=None, negative=None, **inject
 
 
 def _text_encoder(prompt, link):
-    """The CLIPTextEncode behind a conditioning link (through Apply ControlNet when it is enabled)."""
+    """The CLIPTextEncode behind a conditioning link (through Apply ControlNet)."""
     node, slot = link
     if prompt[node]["class_type"] == "ControlNetApplyAdvanced":
         return _text_encoder(prompt, prompt[node]["inputs"][("positive", "negative")[slot]])
@@ -90,8 +81,8 @@ def _run(prompt):
 
 
 @pytest.fixture(scope="module")
-def shipped_runs(host):
-    """Each shipped workflow as shipped (the ControlNet branch bypassed), run once for the module."""
+def shipped_runs(host, controlnet_folder):
+    """Each shipped workflow as shipped, run once for the module."""
     return {name: _run(_prompt(name)) for name in WORKFLOWS}
 
 
@@ -122,22 +113,17 @@ def test_shipped_workflows_use_the_full_size_settings(host):
         assert prompt[sampler["guider"][0]]["class_type"] == "EditKitFeatureInjector"
         notes = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
         assert len(notes) == 1 and "Tumanyan" in notes[0]["widgets_values"][0]
-        bypassed = sorted(n["type"] for n in wf["nodes"] if n["mode"] == comfy_host.MODE_BYPASS)
+        # every node runs as shipped: a workflow named for its ControlNet uses it
+        assert all(n.get("mode", 0) == 0 for n in wf["nodes"])
         if name == CONTROLNET:
-            # the branch ships bypassed: the prompt has none of its nodes, the injector reads the encoders
-            assert bypassed == sorted(CONTROLNET_BRANCH)
-            assert not {"ControlNetLoader", "ControlNetApplyAdvanced"} & {n["class_type"] for n in prompt.values()}
-            assert "Ctrl+B" in notes[0]["widgets_values"][0]
-            enabled = comfy_host.ui_to_api(_workflow(name, controlnet_enabled=True))
-            apply = comfy_host.node_of(enabled, "ControlNetApplyAdvanced")
-            injector = enabled[comfy_host.node_of(enabled, "EditKitFeatureInjector")]["inputs"]
+            apply = comfy_host.node_of(prompt, "ControlNetApplyAdvanced")
             assert injector["positive"] == [apply, 0] and injector["negative"] == [apply, 1]
-            settings = enabled[apply]["inputs"]
+            settings = prompt[apply]["inputs"]
             assert (settings["strength"], settings["start_percent"], settings["end_percent"]) == (0.8, 0.0, 1.0)
-            assert enabled[settings["control_net"][0]]["inputs"]["control_net_name"] == CONTROLNET_FILE
-            assert enabled[settings["image"][0]]["inputs"]["image"] == DEPTH_MAP
+            assert prompt[settings["control_net"][0]]["inputs"]["control_net_name"] == CONTROLNET_FILE
+            assert prompt[settings["image"][0]]["inputs"]["image"] == DEPTH_MAP
         else:
-            assert bypassed == []
+            assert "ControlNetApplyAdvanced" not in {n["class_type"] for n in prompt.values()}
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -147,13 +133,8 @@ def test_workflow_reconstructs_the_photo_and_translates_it(shipped_runs, name):
     assert (translation - source).abs().max() > 1e-3, "the translation changed nothing"
 
 
-def test_the_bypassed_controlnet_branch_changes_nothing(shipped_runs):
-    for a, b in zip(shipped_runs[PLAIN], shipped_runs[CONTROLNET]):
-        assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_the_source_is_the_photo_whatever_the_translation(host, name):
+def test_the_source_is_the_photo_whatever_the_translation(host, controlnet_folder, name):
     """The source row is pinned to the photo's inversion, even when the translation's prompt is the photo's."""
     prompt = _prompt(name, target="", negative="", feature_until=1.0, attention_until=1.0)
     source, translation, photo = _run(prompt)
@@ -161,13 +142,14 @@ def test_the_source_is_the_photo_whatever_the_translation(host, name):
     assert torch.isfinite(translation).all()
 
 
-def test_the_enabled_controlnet_branch_conditions_the_translation(shipped_runs, controlnet_folder):
-    prompt = _prompt(CONTROLNET, controlnet_enabled=True)
-    source, translation, photo = _run(prompt)
-    assert (source - photo).abs().max() < 1e-4   # the ControlNet does not move the photo's reconstruction
-    bypassed = shipped_runs[CONTROLNET][1]
-    assert (translation - bypassed).abs().max() > 1e-4, "the ControlNet changed nothing"
-    # the difference is the ControlNet's: at strength 0 Apply ControlNet passes the prompts on unchanged
-    off = copy.deepcopy(prompt)
+def test_the_controlnet_workflow_conditions_the_translation_with_its_controlnet(shipped_runs, controlnet_folder):
+    """The two workflows differ only by the ControlNet branch: it moves the translation and not the photo's
+    reconstruction, and at strength 0 (Apply ControlNet passes the prompts on unchanged) the translation is the
+    plain workflow's."""
+    source, translation, photo = shipped_runs[CONTROLNET]
+    assert (source - photo).abs().max() < 1e-4
+    plain = shipped_runs[PLAIN][1]
+    assert (translation - plain).abs().max() > 1e-4, "the ControlNet changed nothing"
+    off = _prompt(CONTROLNET)
     off[comfy_host.node_of(off, "ControlNetApplyAdvanced")]["inputs"]["strength"] = 0.0
-    assert torch.equal(_run(off)[1], bypassed)
+    assert torch.equal(_run(off)[1], plain)

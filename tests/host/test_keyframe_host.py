@@ -32,11 +32,11 @@ def _close(a, b, rtol=1e-4):
     return (a - b).abs().max() <= rtol * max(1.0, b.abs().max().item())
 
 
-def test_one_frame_is_plain_sampling(tiny):
+def test_one_frame_is_refused_as_a_no_op(tiny):
     model, clip, _ = tiny
-    noise = _noise(1)
-    for mode in ("first", "middle", "all"):
-        assert torch.equal(_sample(_keyframe(model, mode), clip, noise), _sample(model, clip, noise))
+    for mode in ("first", "middle", "all", "first_and_previous"):
+        with pytest.raises(ValueError, match="latent: one image; Keyframe Attention shares keys and values"):
+            _sample(_keyframe(model, mode), clip, _noise(1))
 
 
 @pytest.mark.parametrize("mode", ["first", "all", "first_and_previous"])
@@ -134,6 +134,20 @@ def test_the_previous_frame_pull_brings_consecutive_frames_closer(tiny):
     assert _close(pulled[0:1], keyframed[0:1])           # frame 0 reads only itself and is not pulled
 
 
+def test_the_pull_runs_on_the_steps_of_the_official_code():
+    """Pix2Video's code sets the pull weight to 0 when its step index i > 25 (of 50 DDIM steps): it pulls on i = 0
+    to 25. pull_until 0.5 does the same; 0.2 of 10 steps pulls on 0 to 2."""
+    from editkit.nodes.keyframe_attention import PreviousFramePull
+    denoised = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for steps, until, official in ((50, 0.5, lambda i: not i > 25), (10, 0.2, lambda i: i <= 2)):
+        sigmas = torch.linspace(10.0, 0.0, steps + 1)
+        pulled = [i for i in range(steps)
+                  if not torch.equal(PreviousFramePull(100.0, until)(
+                      {"denoised": denoised, "sigma": sigmas[i:i + 1],
+                       "model_options": {"transformer_options": {"sample_sigmas": sigmas}}}), denoised)]
+        assert pulled == [i for i in range(steps - 1) if official(i)]
+
+
 def test_the_input_model_is_unchanged(tiny):
     model, clip, _ = tiny
     before = dict(model.model_options.get("transformer_options", {}))
@@ -145,8 +159,6 @@ def test_bad_inputs_are_refused(tiny):
     model, clip, _ = tiny
     with pytest.raises(ValueError, match="indices: keyframe 5 is outside the batch of 3 frames"):
         _sample(_keyframe(model, "indices", indices="0, 5"), clip, _noise(3))
-    with pytest.raises(ValueError, match="first_and_previous .* needs a batch of at least 2 frames"):
-        _sample(_keyframe(model, "first_and_previous"), clip, _noise(1))
     with pytest.raises(ValueError, match="indices: cannot read 'x'"):
         _keyframe(model, "indices", indices="0, x")
     with pytest.raises(ValueError, match="layers: 99 is beyond this model's"):

@@ -141,6 +141,8 @@ def test_bad_inputs_are_refused(tiny):
     model, clip, vae = tiny
     with pytest.raises(ValueError, match="window: 130 px is not a multiple of 8"):
         _fuser(model, window=130)
+    with pytest.raises(ValueError, match="stride: 136 px between windows of window 128 px leaves the 8 px"):
+        _fuser(model, window=128, stride=136)
     with pytest.raises(ValueError, match="window: 16x16 latents is larger than the latent"):
         _sample(_fuser(model), clip, torch.zeros(1, 4, 8, 32))
     mask = torch.ones(128, 128)

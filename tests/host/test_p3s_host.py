@@ -2,6 +2,7 @@
 the loss and touches only the adapter, a saved adapter loads back to the same outputs, and bad files are refused."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -188,6 +189,20 @@ def test_bad_files_are_refused(tiny, clip_vision, tmp_path):
         P3SAdapter.load(moved, model)
     with pytest.raises(ValueError, match="reference: 3 is not one of the adapter's 3"):
         _condition(model, adapter, 3)
+    saved = open(path, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(saved[:len(saved) // 2])
+    with pytest.raises(ValueError, match="p3s_adapter: 'cut.safetensors' is damaged or not a .safetensors file"):
+        P3SAdapter.load(str(cut), model)
+
+
+def test_a_second_conditioner_on_the_same_model_is_refused(tiny, clip_vision):
+    from editkit.nodes.p3s_nodes import P3SConditioner
+    model, clip, vae = tiny
+    adapter = _fresh(model, vae, clip_vision)
+    once = P3SConditioner.execute(model, adapter, 0, 0.5, 0.2, 2.0, 0.2).result[0]
+    with pytest.raises(ValueError, match="model: a P3S adapter is already on this model"):
+        P3SConditioner.execute(once, adapter, 0, 0.5, 0.2, 2.0, 0.2)
 
 
 def test_the_train_node_saves_its_adapter_and_draws_the_loss(tiny, clip_vision, host, p3s_folder):
@@ -204,9 +219,21 @@ def test_the_train_node_saves_its_adapter_and_draws_the_loss(tiny, clip_vision, 
     loaded = LoadP3SAdapter.execute(model, "tiny_subject.safetensors").result[0]
     assert torch.equal(loaded.state_dict()["zero.maps.output11_0_self.weight"],
                        adapter.state_dict()["zero.maps.output11_0_self.weight"])
-    with pytest.raises(ValueError, match="name"):
-        P3STrain.execute(model, clip, vae, clip_vision, _references(), "a photo of sks dog", "../x", 1, 1e-4, 0.1,
-                         0.1, 0.2, 0)
+    train = lambda images, name, **kw: P3STrain.execute(model, clip, vae, clip_vision, images,   # noqa: E731
+                                                        "a photo of sks dog", name, 1, 1e-4, 0.1, 0.1, 0.2, 0, **kw)
+    for bad in ("../x", "my subject.safetensors", "sks.dog"):
+        with pytest.raises(ValueError, match=f"name: '{re.escape(bad)}' is not an adapter name; use letters"):
+            train(_references(), bad)
+    before = (p3s_folder / "tiny_subject.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="name: models/p3s already holds 'tiny_subject.safetensors'.*overwrite"):
+        train(_references(), "tiny_subject.safetensors")
+    assert (p3s_folder / "tiny_subject.safetensors").read_bytes() == before
+    train(_references(), "tiny_subject", overwrite=True)
+    assert (p3s_folder / "tiny_subject.safetensors").read_bytes() != before
+    for count in (1, 2, 6):
+        with pytest.raises(ValueError, match=f"images: {count} reference image.*from 3 to 5 photos"):
+            train(_references(count), "counted")
+    assert not (p3s_folder / "counted.safetensors").exists()
 
 
 # ---- the shipped workflows ----------------------------------------------------------------------------------

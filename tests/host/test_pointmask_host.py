@@ -141,11 +141,21 @@ def test_bad_inputs_are_clear_errors(clip_vision, overrides, message):
         _run(clip_vision, _image(), **overrides)
 
 
-def test_an_encoder_without_a_patch_grid_is_refused(clip_vision):
+def test_an_encoder_without_a_patch_grid_or_of_another_kind_is_refused_for_its_reason(clip_vision):
     class Naflex:
         model_type, image_size, config = "siglip2_vision_model", 0, {"patch_size": 16}
-    with pytest.raises(ValueError, match="^clip_vision: .* no fixed square patch grid"):
+
+    class Dinov2:   # 518 px inputs of 14 px patches: a square 37 x 37 grid, of an encoder the node does not read
+        model_type, image_size, config = "dinov2", 518, {"patch_size": 14}
+
+    class Uneven:
+        model_type, image_size, config = "clip_vision_model", 230, {"patch_size": 14}
+    with pytest.raises(ValueError, match="^clip_vision: this siglip2_vision_model has no fixed input size"):
         _run(Naflex(), _image())
+    with pytest.raises(ValueError, match="^clip_vision: a dinov2 encoder is not supported; .* CLIP or SigLIP"):
+        _run(Dinov2(), _image())
+    with pytest.raises(ValueError, match="^clip_vision: its 230 px inputs are not a whole number of its 14 px"):
+        _run(Uneven(), _image())
 
 
 def _prompt():

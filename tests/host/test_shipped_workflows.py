@@ -78,3 +78,35 @@ def test_nodes_are_big_enough_for_their_widgets_and_do_not_overlap(host, path):
         for b in boxes[i + 1:]:
             overlap = a[2] < b[4] and b[2] < a[4] and a[3] < b[5] and b[3] < a[5]
             assert not overlap, f"node #{a[0]} ({a[1]}) overlaps node #{b[0]} ({b[1]})"
+
+
+NEWEST_HOST_FILES = comfy_host.REPO_ROOT / "tests" / "host" / "newest_host_files.txt"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_the_newest_host_runs_a_test_file_that_executes_the_workflow(path):
+    """.ci/run runs the files newest_host_files.txt lists on the newest tested ComfyUI; a workflow is executed
+    there only if one of them names it."""
+    files = [comfy_host.REPO_ROOT / line for line in NEWEST_HOST_FILES.read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert all(f.is_file() for f in files), [str(f) for f in files if not f.is_file()]
+    runners = [f.name for f in files if path.stem in f.read_text() and "run_prompt" in f.read_text()]
+    assert runners, f"no file of {NEWEST_HOST_FILES.name} runs {path.name}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_saved_autogrow_slots_are_labelled_like_grown_ones(host, path):
+    """The front end labels a slot it grows by its name inside the group (`region_2` of `regions.region_2`); a
+    saved slot carries the same label, or it shows its full name beside the grown ones."""
+    import nodes as comfy_nodes
+    for node in comfy_host.load_workflow(path)["nodes"]:
+        class_def = comfy_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
+        if class_def is None or not hasattr(class_def, "GET_NODE_INFO_V1"):
+            continue
+        info = class_def.GET_NODE_INFO_V1()["input"]
+        groups = {name for section in ("required", "optional") for name, spec in (info.get(section) or {}).items()
+                  if spec[0] == "COMFY_AUTOGROW_V3"}
+        for slot in node.get("inputs") or []:
+            group, _, inner = slot["name"].partition(".")
+            if group in groups:
+                assert slot.get("label") == inner, f"node #{node['id']} slot {slot['name']}"

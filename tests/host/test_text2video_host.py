@@ -187,8 +187,9 @@ def test_bad_inputs_are_refused_naming_the_input(tiny, host):
         _node(model, clip, warp_at_step=5)
     with pytest.raises(ValueError, match="start_at_step: 7 must be between 0 and the last step"):
         _node(model, clip, start_at_step=7, warp_at_step=7)
-    with pytest.raises(ValueError, match="frames: expected at least 1"):
-        _node(model, clip, frames=0)
+    for frames in (0, 1):
+        with pytest.raises(ValueError, match=f"frames: expected at least 2, got {frames} .one frame has no motion"):
+            _node(model, clip, frames=frames)
     with pytest.raises(ValueError, match="strength: expected a number >= 0"):
         _node(model, clip, strength=-1.0)
     with pytest.raises(ValueError, match="padding: 'wrap' is not one of"):

@@ -1,0 +1,82 @@
+"""What the front end builds from each of the pack's nodes: their `/object_info` entries, as ComfyUI's server
+serves them (`GET_NODE_INFO_V1`), and how the nodes answer values those entries do not allow."""
+import pytest
+
+from support import comfy_host
+
+
+def _pack_infos(host):
+    return {name: cls.GET_NODE_INFO_V1() for name, cls in host.NODE_CLASS_MAPPINGS.items()
+            if name.startswith("EditKit")}
+
+
+def _autogrow_inputs(info):
+    for section in ("required", "optional"):
+        for name, spec in (info["input"].get(section) or {}).items():
+            if spec[0] == "COMFY_AUTOGROW_V3":
+                yield name, spec[1]
+
+
+def test_a_fresh_node_offers_an_empty_autogrow_slot_that_may_stay_empty(host):
+    """The front end (1.37) creates `min` slots of an Autogrow when a node is created from the search box; with
+    none a user has nothing to connect. A slot below `min` of a required template is required by validation, so
+    the template is optional: the fresh slot may stay unconnected."""
+    grown = {(name, input_name): options["template"] for name, info in _pack_infos(host).items()
+             for input_name, options in _autogrow_inputs(info)}
+    assert {("EditKitLatentFuser", "regions"), ("EditKitAttentionController", "more_targets")} <= set(grown)
+    for (name, input_name), template in grown.items():
+        assert template["min"] >= 1, f"{name}.{input_name}: a fresh node gets no slot"
+        assert not template["input"].get("required") and template["input"].get("optional"), \
+            f"{name}.{input_name}: the fresh slot would be required"
+
+
+def _widget(info, path):
+    """The options of a widget by its path ('mode.syncdiffusion.sync_weight' reaches into a DynamicCombo)."""
+    name, *inner = path.split(".")
+    spec = {**(info["input"].get("required") or {}), **(info["input"].get("optional") or {})}[name]
+    if not inner:
+        return spec[1]
+    option = next(o for o in spec[1]["options"] if o["key"] == inner[0])
+    return _widget({"input": option["inputs"]}, ".".join(inner[1:]))
+
+
+# (node, widget, the paper's value): a maximum far past the paper's value only lets a typo through
+PAPER_SCALED = [("EditKitLatentFuser", "mode.syncdiffusion.sync_weight", 20.0),
+                ("EditKitKeyframeAttention", "previous_frame_pull", 100.0),
+                ("EditKitMotionLatents", "strength", 12.0)]
+
+
+def test_strengths_stop_at_ten_times_the_papers_value(host):
+    infos = _pack_infos(host)
+    for node, path, paper in PAPER_SCALED:
+        options = _widget(infos[node], path)
+        assert options["max"] <= 10 * paper, (node, path, options)
+
+
+def _dynamic_combos(info):
+    for section in ("required", "optional"):
+        for name, spec in (info["input"].get(section) or {}).items():
+            if spec[0] == "COMFY_DYNAMICCOMBO_V3":
+                yield name, [option["key"] for option in spec[1]["options"]]
+
+
+def test_every_dynamic_combo_reaches_its_node_even_when_comfyui_drops_it(host):
+    """ComfyUI drops a DynamicCombo input whose saved value is not an option; a node that requires the argument
+    fails with a bare TypeError before it can say which input is wrong."""
+    import inspect
+    combos = [(node, name) for node, info in _pack_infos(host).items() for name, _ in _dynamic_combos(info)]
+    assert len(combos) >= 4
+    for node, name in combos:
+        parameter = inspect.signature(host.NODE_CLASS_MAPPINGS[node].execute).parameters[name]
+        assert parameter.default is None, f"{node}.execute: {name} has no default"
+
+
+@pytest.mark.parametrize("workflow,node,name,options", [
+    ("Latent Fuser, panorama.json", "EditKitLatentFuser", "mode", "multidiffusion, syncdiffusion"),
+    ("Prompt-to-Prompt, word swap.json", "EditKitAttentionController", "edit", "word_swap, refine, reweight, masactrl"),
+])
+def test_a_workflow_with_an_unknown_mode_fails_naming_the_input_and_its_options(host, workflow, node, name, options):
+    prompt = comfy_host.tiny_prompt(comfy_host.load_workflow(comfy_host.REPO_ROOT / "workflows" / workflow), 2)
+    prompt[comfy_host.node_of(prompt, node)]["inputs"][name] = "an_old_mode"
+    with pytest.raises(comfy_host.HostError, match=f"{name}: the saved value is not one of {options} .an old or"):
+        comfy_host.run_prompt(prompt)
