@@ -451,7 +451,7 @@ class LatentFuserNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, window, stride, window_batch, circular, mode=None, bootstrap=None, seed=None,
                 regions=None, vae=None) -> io.NodeOutput:   # mode=None: see dynamic_choice
-        dynamic_choice(mode, "mode", MODES)
+        mode_name = dynamic_choice(mode, "mode", MODES)
         ratio = model.model.latent_format.spacial_downscale_ratio
         for name, value in (("window", window), ("stride", stride)):
             if value % ratio:
@@ -466,7 +466,7 @@ class LatentFuserNode(io.ComfyNode):
                 raise ValueError("vae: region prompts with bootstrapping need the VAE (to encode the plain colours); "
                                  "connect it, or set bootstrap to 0")
             bootstrap_latents = _colour_latents(vae, model, window, seed)
-        sync, lpips = _sync_settings(mode, chosen, vae)
+        sync, lpips = _sync_settings(mode_name, mode, chosen, vae)
         fuser = LatentFuser(window=window // ratio, stride=stride // ratio, window_batch=window_batch,
                             circular=circular, regions=chosen, bootstrap=bootstrap,
                             bootstrap_latents=bootstrap_latents, sync=sync, lpips=lpips,
@@ -474,9 +474,9 @@ class LatentFuserNode(io.ComfyNode):
         return io.NodeOutput(attach_fuser(model, fuser))
 
 
-def _sync_settings(mode: dict, regions, vae) -> tuple[SyncSettings | None, dict | None]:
-    """SyncDiffusion's settings and LPIPS weights from the node's mode, or (None, None) for MultiDiffusion."""
-    name = dynamic_choice(mode, "mode", MODES)
+def _sync_settings(name: str, mode: dict, regions, vae) -> tuple[SyncSettings | None, dict | None]:
+    """SyncDiffusion's settings and LPIPS weights from the node's mode (`name`, its chosen option), or (None, None)
+    for MultiDiffusion."""
     if name == "multidiffusion":
         return None, None
     if regions:

@@ -5,24 +5,16 @@ import pytest
 from support import comfy_host
 
 
-def _pack_infos(host):
-    return {name: cls.GET_NODE_INFO_V1() for name, cls in host.NODE_CLASS_MAPPINGS.items()
-            if name.startswith("EditKit")}
-
-
-def _autogrow_inputs(info):
-    for section in ("required", "optional"):
-        for name, spec in (info["input"].get(section) or {}).items():
-            if spec[0] == "COMFY_AUTOGROW_V3":
-                yield name, spec[1]
+def _pack_classes(host):
+    return {name: cls for name, cls in host.NODE_CLASS_MAPPINGS.items() if name.startswith("EditKit")}
 
 
 def test_a_fresh_node_offers_an_empty_autogrow_slot_that_may_stay_empty(host):
     """The front end (1.37) creates `min` slots of an Autogrow when a node is created from the search box; with
     none a user has nothing to connect. A slot below `min` of a required template is required by validation, so
     the template is optional: the fresh slot may stay unconnected."""
-    grown = {(name, input_name): options["template"] for name, info in _pack_infos(host).items()
-             for input_name, options in _autogrow_inputs(info)}
+    grown = {(name, input_name): options["template"] for name, cls in _pack_classes(host).items()
+             for input_name, options in comfy_host.inputs_of_type(cls, "COMFY_AUTOGROW_V3").items()}
     assert {("EditKitLatentFuser", "regions"), ("EditKitAttentionController", "more_targets")} <= set(grown)
     for (name, input_name), template in grown.items():
         assert template["min"] >= 1, f"{name}.{input_name}: a fresh node gets no slot"
@@ -47,27 +39,21 @@ PAPER_SCALED = [("EditKitLatentFuser", "mode.syncdiffusion.sync_weight", 20.0),
 
 
 def test_strengths_stop_at_ten_times_the_papers_value(host):
-    infos = _pack_infos(host)
+    classes = _pack_classes(host)
     for node, path, paper in PAPER_SCALED:
-        options = _widget(infos[node], path)
+        options = _widget(classes[node].GET_NODE_INFO_V1(), path)
         assert options["max"] <= 10 * paper, (node, path, options)
-
-
-def _dynamic_combos(info):
-    for section in ("required", "optional"):
-        for name, spec in (info["input"].get(section) or {}).items():
-            if spec[0] == "COMFY_DYNAMICCOMBO_V3":
-                yield name, [option["key"] for option in spec[1]["options"]]
 
 
 def test_every_dynamic_combo_reaches_its_node_even_when_comfyui_drops_it(host):
     """ComfyUI drops a DynamicCombo input whose saved value is not an option; a node that requires the argument
     fails with a bare TypeError before it can say which input is wrong."""
     import inspect
-    combos = [(node, name) for node, info in _pack_infos(host).items() for name, _ in _dynamic_combos(info)]
+    combos = [(node, cls, name) for node, cls in _pack_classes(host).items()
+              for name in comfy_host.inputs_of_type(cls, "COMFY_DYNAMICCOMBO_V3")]
     assert len(combos) >= 4
-    for node, name in combos:
-        parameter = inspect.signature(host.NODE_CLASS_MAPPINGS[node].execute).parameters[name]
+    for node, cls, name in combos:
+        parameter = inspect.signature(cls.execute).parameters[name]
         assert parameter.default is None, f"{node}.execute: {name} has no default"
 
 

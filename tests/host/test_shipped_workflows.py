@@ -90,7 +90,8 @@ def test_the_newest_host_runs_a_test_file_that_executes_the_workflow(path):
     files = [comfy_host.REPO_ROOT / line for line in NEWEST_HOST_FILES.read_text().splitlines()
              if line and not line.startswith("#")]
     assert all(f.is_file() for f in files), [str(f) for f in files if not f.is_file()]
-    runners = [f.name for f in files if path.stem in f.read_text() and "run_prompt" in f.read_text()]
+    texts = {f.name: f.read_text() for f in files}
+    runners = [name for name, text in texts.items() if path.stem in text and "run_prompt" in text]
     assert runners, f"no file of {NEWEST_HOST_FILES.name} runs {path.name}"
 
 
@@ -101,11 +102,7 @@ def test_saved_autogrow_slots_are_labelled_like_grown_ones(host, path):
     import nodes as comfy_nodes
     for node in comfy_host.load_workflow(path)["nodes"]:
         class_def = comfy_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
-        if class_def is None or not hasattr(class_def, "GET_NODE_INFO_V1"):
-            continue
-        info = class_def.GET_NODE_INFO_V1()["input"]
-        groups = {name for section in ("required", "optional") for name, spec in (info.get(section) or {}).items()
-                  if spec[0] == "COMFY_AUTOGROW_V3"}
+        groups = comfy_host.inputs_of_type(class_def, "COMFY_AUTOGROW_V3") if class_def else {}
         for slot in node.get("inputs") or []:
             group, _, inner = slot["name"].partition(".")
             if group in groups:

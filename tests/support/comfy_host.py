@@ -45,6 +45,7 @@ __all__ = [
     "is_booted",
     "host_dirs",
     "ui_to_api",
+    "inputs_of_type",
     "swap_checkpoint_loader",
     "swap_clip_vision_loader",
     "add_random_lpips",
@@ -621,6 +622,16 @@ class _Graph:
             if _types_compatible(t, out_type) and _types_compatible(t, want_type):
                 return i
         return -1
+
+
+def inputs_of_type(class_def, io_type: str) -> dict[str, dict]:
+    """{input name: options} of a V3 node class's inputs of `io_type` (e.g. "COMFY_AUTOGROW_V3"), as /object_info
+    serves them; {} for a V1 class."""
+    if not hasattr(class_def, "GET_NODE_INFO_V1"):
+        return {}
+    info = class_def.GET_NODE_INFO_V1()["input"]
+    return {name: spec[1] for section in ("required", "optional") for name, spec in (info.get(section) or {}).items()
+            if spec[0] == io_type}
 
 
 def ui_to_api(workflow: dict) -> dict:
