@@ -9,8 +9,8 @@ same x_t equals averaging their next latents for DDIM / Euler, and works for any
 Region prompts (paper, sec. 4.2): every window is denoised with every prompt (a background and the regions);
 prompt k's prediction counts with weight mask_k at each pixel, the background's mask being
 clamp(1 - sum of the region masks). For the first steps ("bootstrapping") each region's window sees, outside
-its mask, a random constant colour noised to the current step with the run's initial noise instead of the
-latent, so the region's subject forms on its own.
+its mask, a random constant colour noised to the current step with the run's starting noise x_T (as the model's
+input sees it) instead of the latent, so the region's subject forms on its own.
 
 Everything here works on tensors (..., H, W) of the host's latents; windows may wrap around horizontally
 (circular / 360-degree panoramas).

@@ -22,7 +22,8 @@ Against the official code (Picsart-AI-Research/Text2Video-Zero, `text_to_video_p
 functions follow: its x_T^1 is itself the DDIM trajectory of a sample drawn two steps earlier (timestep 981 ->
 941 of 50 DDIM steps, then warped at 881, the `t1 = 47`, `t0 = 44` of its ascending timestep list), which the
 composition below allows with `start_step` > 0; the warp samples the latent at p + δ^k (so the scene slides by
-−δ^k on screen) with nearest-neighbour lookup and reflection padding, both the defaults here; its forward step
+−δ^k on screen) with nearest-neighbour lookup and reflection padding, both the defaults here, and in `nearest`
+mode on the whole-pixel offsets its resized flow grid rounds to (`official_nearest_offsets`); its forward step
 uses the product of the alphas over [t0, t1) (ᾱ_{t1−1} / ᾱ_{t0−1}, one index off), here the exact ratio of the
 two levels; its re-noising noise is drawn fresh for every warped frame, as here.
 """
@@ -55,8 +56,8 @@ def translate_latent(x: torch.Tensor, shift_xy, padding: str = "reflection",
     out[.., i, j] = x[.., i − dy, j − dx] (torch.roll's direction: positive x to the right, positive y down).
 
     Sub-pixel shifts are resampled by grid_sample on the exact pixel-centre grid (align_corners=False):
-    `bilinear` interpolates, `nearest` first rounds the shift to whole pixels (halves upwards, which is the
-    official code's rounding of its 1.5-latent-pixel steps). Whole-pixel shifts are exact copies in both modes.
+    `bilinear` interpolates, `nearest` first rounds the shift to whole pixels (halves upwards). Whole-pixel shifts
+    are exact copies in both modes.
     The strip the shift uncovers is filled by `padding`:
     - `reflection` (default; the official code's): the content mirrored at the frame's edge, so the strip has
       the statistics of the latent around it (at T' the latent is still mostly noise, and a mirrored patch of
@@ -102,6 +103,18 @@ def motion_shifts(frames: int, direction=(1.0, 1.0), strength: float = 1.0) -> t
     return k * strength * torch.tensor([dx, dy], dtype=torch.float64)
 
 
+def official_nearest_offsets(shifts: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(F, 2) whole latent pixels at which the official warp samples, for sampling offsets δ^k (x, y) on a latent
+    of `latent_hw`. The official flow lives on a 512x512 grid of pixel coordinates resized bilinearly to the
+    latent, which puts each latent pixel's sampling point half a flow-grid cell behind p + δ (w / 1024 latent
+    pixels across, h / 1024 down: 1/16 at 512 px), and its nearest lookup rounds that point. So 1.5 px per frame
+    samples 1, 3, 4, 6 px away, and 6.55 px samples 6 (rounding δ itself gives 7). At an exact tie the official
+    rounds half to even per pixel, which tears the frame every other column; here the whole frame rounds up."""
+    h, w = latent_hw
+    behind = torch.tensor([w / 1024.0, h / 1024.0], dtype=torch.float64)
+    return torch.floor(shifts.double() - behind + 0.5)
+
+
 def renoise(x: torch.Tensor, sigma_from: float, sigma_to: float, noise: torch.Tensor) -> torch.Tensor:
     """The forward (DDPM) process from level sigma_from up to sigma_to in sampling space:
     x + sqrt(sigma_to² − sigma_from²) · noise (paper sec. 3.2, step 6; see the module notes)."""
@@ -135,7 +148,7 @@ def motion_latents(start: torch.Tensor, sigmas: Sequence[float] | torch.Tensor, 
     sigmas: the run's descending schedule (N steps, N + 1 values); the video is sampled from sigmas[start_step]
     (T), the first frame is warped at sigmas[warp_step] (T'), 0 <= start_step <= warp_step < N;
     shifts: (F, 2) the paper's δ^k (motion_shifts), in latent pixels; the warp samples x_{T'} at p + δ^k as the
-    official code does, i.e. the content moves by −δ^k;
+    official code does, i.e. the content moves by −δ^k (`nearest`: at the whole pixels the official rounds to);
     noise: (F − 1, C, H, W) fresh standard normal noise of frames 2..F's forward step;
     denoise(x, sigmas): the guided DDIM steps over a slice of the schedule (called on sigmas[:start_step + 1]
     when start_step > 0, then on sigmas[start_step:warp_step + 1] when warp_step > start_step).
@@ -156,6 +169,8 @@ def motion_latents(start: torch.Tensor, sigmas: Sequence[float] | torch.Tensor, 
                          f"{tuple(noise.shape)}")
     x_t = denoise(start, schedule[:start_step + 1]) if start_step > 0 else start
     x_t_prime = denoise(x_t, schedule[start_step:warp_step + 1]) if warp_step > start_step else x_t
+    if interpolation == "nearest":
+        shifts = official_nearest_offsets(shifts, tuple(start.shape[-2:]))
     warped = torch.cat([translate_latent(x_t_prime, (-float(s[0]), -float(s[1])), padding, interpolation)
                         for s in shifts])
     sigma_t, sigma_t_prime = float(schedule[start_step]), float(schedule[warp_step])

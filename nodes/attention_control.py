@@ -92,11 +92,13 @@ def _fraction(name: str, tooltip: str, default: float) -> io.Float.Input:
 def _prompt_to_prompt_inputs(edit: str) -> list:
     """The settings of one Prompt-to-Prompt edit (each option needs its own input objects)."""
     inputs = [
-        _fraction("cross_replace", "Fraction of the steps, from cross_replace_start, during which the targets take "
-                                   "the source's cross-attention (paper: 0.8; a swapped word about 0.4).", 0.8),
+        _fraction("cross_replace", "End of the window (fraction of the steps, from cross_replace_start on) in which "
+                                   "the targets take the source's cross-attention (paper: 0.8; a swapped word about "
+                                   "0.4).", 0.8),
         _fraction("cross_replace_start", "Fraction of the steps before the cross-attention replacement starts.", 0.0),
-        _fraction("self_replace", "Fraction of the steps, from self_replace_start, during which the targets take "
-                                  "the source's self-attention (keeps the layout; lower allows bigger changes).", 0.4),
+        _fraction("self_replace", "End of the window (fraction of the steps, from self_replace_start on) in which "
+                                  "the targets take the source's self-attention (keeps the layout; lower allows "
+                                  "bigger changes).", 0.4),
         _fraction("self_replace_start", "Fraction of the steps before the self-attention replacement starts.", 0.0),
         io.String.Input("word_windows", default="",
                         tooltip="Own cross-attention window for some target words: 'dog: 0.4' (from the first step "
@@ -158,8 +160,8 @@ class AttentionControllerNode(io.ComfyNode):
             category=CATEGORY,
             description="Edits an image by changing its prompt while keeping its layout: each target is sampled "
                         "next to the source and takes over the source's attention (Hertz et al. 2022; MasaCtrl, "
-                        "Cao et al. 2023). Connect the GUIDER to SamplerCustomAdvanced with a one-image latent: "
-                        "its output holds the source (first) and the edits. For a photo, connect an INVERSION and "
+                        "Cao et al. 2023). Connect the GUIDER to SamplerCustomAdvanced with a one-image latent (or "
+                        "the frames of a video): its output holds the source (first) and the edits. For a photo, connect an INVERSION and "
                         "sample its noised latent with its SIGMAS and DisableNoise.",
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x / 2.x model. It is cloned; the input is not changed."),
@@ -193,7 +195,8 @@ class AttentionControllerNode(io.ComfyNode):
                                          "self-attention inside the region of words of the source prompt."),
             ],
             outputs=[io.Guider.Output(tooltip="Samples the source (first) and each target together: connect it to "
-                                              "SamplerCustomAdvanced with a one-image latent.")],
+                                              "SamplerCustomAdvanced with a one-image latent (or the frames of a "
+                                              "video, clip by clip).")],
         )
 
     @classmethod

@@ -59,7 +59,10 @@ class FeatureInjectorNode(io.ComfyNode):
                 io.Model.Input("model", tooltip="SD 1.x / 2.x model (LoRA allowed). It is cloned; the input is "
                                                 "not changed."),
                 InversionType.Input("inversion", tooltip="From 'Invert Image' (the paper inverts with an empty "
-                                                         "prompt; 'direct' mode is exact and cheap)."),
+                                                         "prompt; 'direct' mode is exact and cheap). The photo's "
+                                                         "features come from its inversion evaluated with the "
+                                                         "negative it was inverted with (keep that empty, as the "
+                                                         "paper's code)."),
                 io.Conditioning.Input("positive", tooltip="The translation's prompt, e.g. 'a photo of a marble "
                                                           "sculpture'. A ControlNet applied to it also applies."),
                 io.Conditioning.Input("negative", tooltip="The translation's negative prompt (paper: 'ugly, "
@@ -92,8 +95,8 @@ class FeatureInjectorNode(io.ComfyNode):
     def execute(cls, model, inversion, positive, negative, feature_layers, feature_until, attention_layers,
                 attention_until, strength, cfg) -> io.NodeOutput:
         inner = require_sd_unet(model)
-        if inversion.source_context is None:
-            raise ValueError("inversion: it carries no source prompt encoding; invert the photo with 'Invert Image'")
+        if inversion.negative_context is None:
+            raise ValueError("inversion: it carries no unconditional encoding; invert the photo with 'Invert Image'")
         for conditioning, name in ((positive, "positive"), (negative, "negative")):
             if isinstance(conditioning, list) and len(conditioning) > 1:
                 raise ValueError(f"{name}: the translation takes one prompt encoding, got {len(conditioning)} "
@@ -110,7 +113,9 @@ class FeatureInjectorNode(io.ComfyNode):
             attention_layers=_checked_layers(attention_layers, "attention_layers", with_attention, "self-attention"),
             attention_until=attention_until, strength=strength)
         patched = attach_controller(model, controller)
-        guider = PairCFGGuider(patched, [inversion.source_context, target], None, cfg, inversion=inversion,
+        # pnp-diffusers evaluates the photo's row with the empty prompt whatever it inverted with: here the
+        # unconditional encoding of the inversion (the empty prompt of the shipped workflows)
+        guider = PairCFGGuider(patched, [inversion.negative_context, target], None, cfg, inversion=inversion,
                                target_negative=target_negative, positive_options=positive[0][1],
                                negative_options=negative[0][1], pin_source=True)
         return io.NodeOutput(guider, patched)

@@ -3,8 +3,8 @@
 How it hooks into ComfyUI: the node returns a clone of the MODEL with two wrappers, so any sampler node
 (KSampler, SamplerCustomAdvanced, the pack's guiders) and any sampler and scheduler sample a large latent in
 windows:
-- OUTER_SAMPLE: per-run state (the window layout for this latent, the run's initial noise and seed for
-  bootstrapping, the region masks at latent size), kept in the run's own copy of the model options;
+- OUTER_SAMPLE: per-run state (the window layout for this latent, the noise of the run's starting latent and
+  the seed for bootstrapping, the region masks at latent size), kept in the run's own copy of the model options;
 - CALC_COND_BATCH: where ComfyUI evaluates the conditionings on the latent, each batch of windows (and, with
   regions, each window with every prompt) goes through ComfyUI's own evaluation as one batch of crops, so
   ControlNets, LoRA hooks, masks and the pack's attention controllers apply as they do without windows; the
@@ -70,7 +70,7 @@ class Region:
 class _Run:
     """What one sampling run needs besides the settings."""
     schedule: list[float]
-    noise: torch.Tensor
+    start_noise: torch.Tensor                    # the noise of the starting latent in the model's input space
     seed: int
     windows: list[Window]
     weights: torch.Tensor                        # (1 + regions, H, W): background, then each region
@@ -116,7 +116,8 @@ class LatentFuser:
         self._check_masks(latent_hw)
         self._check_controllers(options)
         masks = torch.stack([r.mask for r in self.regions]) if self.regions else None
-        options[RUN_KEY] = _Run(schedule=[float(s) for s in sigmas.flatten().tolist()], noise=noise,
+        options[RUN_KEY] = _Run(schedule=[float(s) for s in sigmas.flatten().tolist()],
+                                start_noise=_start_noise(guider.model_patcher, noise, sigmas),
                                 seed=int(seed or 0), windows=self.layout(latent_hw),
                                 weights=region_weights(masks, latent_hw), cfg=self._sampler_cfg(guider))
         try:
@@ -172,7 +173,7 @@ class LatentFuser:
     # -- CALC_COND_BATCH -----------------------------------------------------------------------------------
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         run: _Run | None = model_options.get("transformer_options", {}).get(RUN_KEY)
-        if run is None or tuple(x_in.shape[-2:]) != tuple(run.noise.shape[-2:]):
+        if run is None or tuple(x_in.shape[-2:]) != tuple(run.start_noise.shape[-2:]):
             return executor(model, conds, x_in, timestep, model_options)   # not a run this fuser prepared
         prompts = run.weights.shape[0]
         if len(run.windows) == 1 and prompts == 1:
@@ -253,7 +254,7 @@ class LatentFuser:
                     rows.append(view)
                     continue
                 colour = self.bootstrap_latents[choices[k - 1]][None].to(view.device, view.dtype)
-                noisy = colour + sigma * crop(run.on("noise", run.noise, view), window)
+                noisy = colour + sigma * crop(run.on("start_noise", run.start_noise, view), window)
                 inside = crop(weights[k], window)
                 rows.append(view * inside + noisy * (1 - inside))
         return torch.cat(rows)
@@ -499,6 +500,20 @@ def _sync_settings(name: str, mode: dict, regions, vae) -> tuple[SyncSettings | 
     if settings.every < 1 or settings.batch < 1:
         raise ValueError("sync_every and sync_batch: must be at least 1")
     return settings, load_lpips(path).state_dict()
+
+
+def _start_noise(model_patcher, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The noise part of the sampler's starting latent as the model's input sees it: the official region code's
+    x_T, with which it noises the bootstrapping colours. A KSAMPLER starts from unit noise in the input space when
+    the schedule begins at sigma_max and from sigma times the noise below it (KSAMPLER.max_denoise; ddim_uniform
+    starts below: 1 / 1.009 of unit at 8 steps), so the sampler's unit `noise` is not always x_T."""
+    model_sampling = model_patcher.get_model_object("model_sampling")
+    first = sigmas.flatten()[:1].to(noise.device, torch.float32)
+    sigma, sigma_max = float(first), float(model_sampling.sigma_max)
+    max_denoise = math.isclose(sigma_max, sigma, rel_tol=1e-05) or sigma > sigma_max   # as KSAMPLER.max_denoise
+    scaled = model_sampling.noise_scaling(first, noise.float(), torch.zeros_like(noise, dtype=torch.float32),
+                                          max_denoise)
+    return model_sampling.calculate_input(first, scaled)
 
 
 def _colour_latents(vae, model, window: int, seed: int) -> torch.Tensor:

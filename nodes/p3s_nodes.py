@@ -70,7 +70,7 @@ class P3STrain(io.ComfyNode):
                 io.Float.Input("condition_dropout", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of steps trained with the empty prompt, for CFG (paper: 10 %)."),
                 io.Float.Input("lam", default=LAMBDA, min=0.0, max=2.0, step=0.01,
-                               tooltip="lambda of eq. 7: how much of the copy's features joins the values (0.2)."),
+                               tooltip="lambda of eq. 7: how much of the copy's features joins the values (paper: 0.2)."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
                              tooltip="Seed of the initialisation, the timesteps, the noise and the order."),
                 io.Boolean.Input("overwrite", default=False, optional=True,

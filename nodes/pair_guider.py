@@ -14,7 +14,7 @@ targets, and the output holds the source clip followed by each edited clip):
 - with an INVERSION the unconditional branch is the inversion's at each step, and the source row follows
   one of the schemes of core/pair.py: `direct` mode moves the source row exactly onto the stored trajectory
   and lets the targets evolve freely (Ju et al. 2023); `pinned` (Plug-and-Play) evaluates the source row at
-  the stored latent itself, with its own prompt in both branches;
+  the stored latent itself, with its own prompt encoding (contexts[0]) in both branches;
 - with a `LocalBlend`, from its first step on, each target's prediction is solved so that the step lands on
   the latent the reference blends after the step (exact for euler and ddim; other samplers get the
   first-order version of it).
@@ -136,13 +136,13 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
 
     def _negative(self, step: int):
         """The unconditional conds of the batch: the inversion's at this step (or the user's negative); the
-        targets' own negative where given; with a pinned source, the source's own prompt for its row."""
+        targets' own negative where given; with a pinned source, the source row's own prompt (no guidance)."""
         negative = self.conds.get("negative")
         if self.inversion is not None:
             negative = inversion_negative(self.conds, self.inversion, step)
         if self.target_negative is None and not self.pin_source:
             return negative
-        source = self.conds["source"][0]["model_conds"]["c_crossattn"].cond if self.pin_source else None
+        source = self.contexts[0] if self.pin_source else None
 
         def per_item(uncond: torch.Tensor) -> torch.Tensor:
             first = (source if source is not None else uncond[:1]).to(uncond.device, uncond.dtype)

@@ -62,14 +62,55 @@ def test_bilinear_sub_pixel_shifts_interpolate_neighbours():
     assert torch.allclose(diagonal[..., 1:, 1:], expected, atol=1e-14)
 
 
-def test_nearest_rounds_halves_upwards_as_the_official_code():
-    """The official warp of 12 px at 512 px is 1.5 latent pixels per frame; its grid lands just below the half,
-    so frame k moves by round-half-down(1.5 k) of its sampling offset: 1, 3, 4, 6 pixels; content shifts are the
-    negatives, rounded half up."""
+def test_nearest_rounds_halves_upwards():
+    """Content shifts of 1.5 k pixels round half up: the content moves by 1, 3, 4, 6 pixels (the official warp's
+    1.5 latent pixels per frame ends on the same pixels, see the test below)."""
     x = _x(1)
     for k, moved in zip((1, 2, 3, 4), (1, 3, 4, 6)):
         out = translate_latent(x, (-1.5 * k, 0.0), "reflection", "nearest")
         assert torch.equal(out[_inside(-moved, 0)], torch.roll(x, -moved, -1)[_inside(-moved, 0)])
+
+
+def _official_warp(latent: torch.Tensor, flow_xy) -> torch.Tensor:
+    """Text2Video-Zero's warp_single_latent (text_to_video_pipeline.py), written out: pixel coordinates of a 512x512
+    grid plus the flow (in 1/512 of the frame), normalised to [-1, 1], resized bilinearly to the latent, then a
+    nearest lookup with reflection padding."""
+    import torch.nn.functional as F
+    h, w = latent.shape[-2:]
+    rows, cols = torch.meshgrid(torch.arange(512), torch.arange(512), indexing="ij")
+    coords = torch.stack([cols, rows]).float()[None]
+    coords = coords + torch.tensor(flow_xy, dtype=torch.float32).view(1, 2, 1, 1)
+    coords = coords / 512.0 * 2.0 - 1.0
+    coords = F.interpolate(coords, size=(h, w), mode="bilinear").permute(0, 2, 3, 1)
+    return F.grid_sample(latent.float(), coords, mode="nearest", padding_mode="reflection", align_corners=False)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_nearest_warp_samples_where_the_official_does(hw):
+    """motion_latents' `nearest` warp equals the official one for shifts across whole and fractional pixels,
+    including 6.55 px (fraction just above a half), where rounding the shift itself samples one pixel further
+    than the official; exact ties of the official grid (fraction 1/2 + w/1024) are left out: there the official
+    tears the frame."""
+    h, w = hw
+    start = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(3))
+    strengths = [0.0, 0.3, 0.5, 1.0, 1.5, 2.2, 3.25, 5.0, 6.55, 6.8, 9.0]   # latent px per frame along x
+    frames = 3
+    for direction in ((1.0, 0.0), (0.0, 1.0), (1.0, -0.7)):
+        for strength in strengths:
+            shifts = motion_shifts(frames, direction, strength)
+            flow = shifts * torch.tensor([512.0 / w, 512.0 / h], dtype=torch.float64)   # 1/512 of the frame
+            ties = (shifts - torch.tensor([w / 1024, h / 1024], dtype=torch.float64)).remainder(1.0)
+            if ((ties - 0.5).abs() < 1e-9).any():
+                continue
+            noise = torch.zeros(frames - 1, 4, h, w)
+            out = motion_latents(start, SIGMAS, 0, 0, shifts, noise, _Recorder(), "reflection", "nearest")
+            for k in range(frames):
+                expected = _official_warp(start, flow[k].tolist())
+                assert torch.equal(out.warped[k:k + 1], expected), (direction, strength, k)
+    # the shift 6.55 is one where the rounding matters
+    six = motion_shifts(2, (1.0, 0.0), 6.55)
+    assert torch.floor(six[1, 0] + 0.5) == 7 and _official_warp(start, [6.55 * 512 / w, 0.0]).equal(
+        translate_latent(start, (-6.0, 0.0), "reflection", "nearest"))
 
 
 def test_bilinear_half_pixel_shifts_halve_the_variance_of_noise_and_nearest_keeps_it():

@@ -131,17 +131,20 @@ def test_attention_controller_on_a_direct_inversion(tiny, reference_unet, tokeni
     assert_close(ours.double(), expected)
 
 
-@pytest.mark.parametrize("photo_prompt", ["", "a photo of a cat"])
-def test_feature_injector_on_an_inversion(tiny, reference_unet, photo, photo_prompt):
-    """pnp-diffusers' scheme: the source row is the stored inversion latent, evaluated with the photo's prompt
-    (the paper's is empty; its code evaluates the source with the empty prompt, the one it inverts with) in
-    both of our CFG branches, so that both target rows take the same features."""
+@pytest.mark.parametrize("mode, photo_prompt", [("ddim", ""), ("ddim", "a photo of a cat"),
+                                                 ("null_text", "a photo of a cat")])
+def test_feature_injector_on_an_inversion(tiny, reference_unet, photo, mode, photo_prompt):
+    """pnp-diffusers' scheme: the source row is the stored inversion latent, evaluated with the empty prompt
+    whatever prompt the photo was inverted with (its `pnp_guidance_embeds`), in both of our CFG branches, so
+    that both target rows take the same features. With the inversion's prompt instead (the pack before issue 23)
+    the photo-prompt case differs by a quarter of the latents' scale (10.8 for latents of 41.9). A null-text
+    inversion's per-step embeddings must not reach the source row either (its trajectory is DDIM's)."""
     model, clip, _ = tiny
-    noised, inversion, sigmas = invert(model, clip, photo, "ddim", STEPS, photo_prompt)
+    noised, inversion, sigmas = invert(model, clip, photo, mode, STEPS, photo_prompt)
     guider, _ = feature_injector(model, clip, inversion, "a marble statue", "ugly, blurry", cfg=CFG)
     ours = _sample(guider, noised, sigmas, torch.zeros_like(noised))
     timesteps, alphas = _schedule(model, sigmas)
-    expected = ref.pnp_reference(reference_unet, _alpha_space(inversion), inversion.source_context,
+    expected = ref.pnp_reference(reference_unet, _alpha_space(inversion), _context(clip, ""),
                                  _context(clip, "a marble statue"), _context(clip, "ugly, blurry"), timesteps, alphas,
                                  CFG)
     assert_close(ours[1:], expected)

@@ -1,5 +1,6 @@
 """What a user of the template browser and the canvas sees of the shipped workflows: titles, thumbnails,
 declared models, a description, and nodes that do not overlap."""
+import importlib.util
 import json
 
 import pytest
@@ -26,6 +27,48 @@ def test_the_template_browser_shows_a_title_and_a_thumbnail(path):
     from PIL import Image
     with Image.open(thumbnail) as image:
         assert image.format == "JPEG" and min(image.size) >= 256
+
+
+def _thumbnail_tool():
+    path = comfy_host.REPO_ROOT / "tools" / "workflow_thumbnails.py"
+    spec = importlib.util.spec_from_file_location("workflow_thumbnails", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+THUMBNAILS = _thumbnail_tool()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_the_thumbnail_names_the_method_and_says_what_the_workflow_does(path):
+    """The card's own text is the file name twice, so the thumbnail's banner carries the method group and one
+    line (tools/workflow_thumbnails.py DESCRIPTIONS), short enough to read at card size."""
+    assert path.stem in THUMBNAILS.DESCRIPTIONS, f"no description line for {path.stem!r} in DESCRIPTIONS"
+    group, line = THUMBNAILS.description(path.stem)
+    assert group.strip() and line.strip() and line.strip() != path.stem
+    assert len(line) <= THUMBNAILS.LINE_CHARS, f"{len(line)} characters: {line!r}"
+    assert THUMBNAILS.fits(group, THUMBNAILS.group_font()) and THUMBNAILS.fits(line, THUMBNAILS.line_font())
+
+
+def test_every_description_line_belongs_to_a_shipped_workflow():
+    stale = set(THUMBNAILS.DESCRIPTIONS) - {p.stem for p in WORKFLOWS}
+    assert not stale, f"DESCRIPTIONS has lines for workflows that are gone: {sorted(stale)}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_the_thumbnail_on_disk_shows_the_current_banner(path):
+    """python tools/workflow_thumbnails.py was run after the last change of a line (the banner as drawn now
+    matches <name>.jpg's up to JPEG noise)."""
+    from PIL import Image, ImageChops, ImageStat
+    if "DejaVu" not in str(getattr(THUMBNAILS.line_font(), "path", "")):
+        pytest.skip("the DejaVu fonts the thumbnails were drawn with are not installed")
+    box = (0, 0, THUMBNAILS.SIZE[0], THUMBNAILS.BANNER - 12)
+    with Image.open(path.with_suffix(".jpg")) as saved:
+        on_disk = saved.convert("L").crop(box)
+    drawn = THUMBNAILS.draw(path).convert("L").crop(box)
+    difference = ImageStat.Stat(ImageChops.difference(drawn, on_disk)).mean[0]
+    assert difference < 3, f"{path.with_suffix('.jpg').name} is stale (mean difference {difference:.1f})"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))

@@ -199,6 +199,10 @@ def boot_comfy(tmp_dir, cpu: bool = True) -> Any:
 
         args.cpu = cpu   # False only for the GPU benchmarks
         args.disable_api_nodes = True
+        # every folder ComfyUI derives from its base (models, custom_nodes, input, ...) in the temporary folder:
+        # v0.33.0's folder_paths creates input/ at import wherever its base is
+        tmp = pathlib.Path(tmp_dir).resolve()
+        args.base_directory = str(tmp)
 
         # ComfyUI's main.py imports its ``utils`` package before nodes.py puts
         # comfy/ (which contains utils.py) on sys.path; do the same, otherwise
@@ -215,7 +219,6 @@ def boot_comfy(tmp_dir, cpu: bool = True) -> Any:
 
         import folder_paths
 
-        tmp = pathlib.Path(tmp_dir).resolve()
         dirs = {name: tmp / name for name in ("output", "input", "temp", "user")}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
