@@ -17,7 +17,7 @@ from ..core.tokens import (AlignmentError, PromptTokens, UnknownWordError, find_
                            word_positions)
 from .comfy_attention import attach_controller, attention_sites
 from .comfy_tokens import prompt_tokens, word_codec
-from .host_helpers import check_context_width, dynamic_choice, require_sd_unet
+from .host_helpers import check_context_width, dynamic_choice, dynamic_combo, require_sd_unet
 from .inversion import InversionType
 from .pair_guider import PairCFGGuider
 
@@ -173,12 +173,12 @@ class AttentionControllerNode(io.ComfyNode):
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt for generated images; with an inversion its own "
                                         "unconditional branch is used instead."),
-                io.DynamicCombo.Input("edit", tooltip="word_swap: words changed, as many words; refine: words added "
-                                                      "or changed, tokens aligned; reweight: scale chosen words' "
-                                                      "attention; masactrl: change pose or action, keep the look.",
-                                      options=[io.DynamicCombo.Option(e, _prompt_to_prompt_inputs(e))
-                                               for e in PROMPT_TO_PROMPT]
-                                      + [io.DynamicCombo.Option("masactrl", _masactrl_inputs())]),
+                dynamic_combo("edit", tooltip="word_swap: words changed, as many words; refine: words added "
+                                              "or changed, tokens aligned; reweight: scale chosen words' "
+                                              "attention; masactrl: change pose or action, keep the look.",
+                              options=[io.DynamicCombo.Option(e, _prompt_to_prompt_inputs(e))
+                                       for e in PROMPT_TO_PROMPT]
+                              + [io.DynamicCombo.Option("masactrl", _masactrl_inputs())]),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1, tooltip="Guidance scale."),
                 InversionType.Input("inversion", optional=True,
                                     tooltip="From 'Invert Image': edit that photo (source = its inversion)."),

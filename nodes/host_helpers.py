@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import comfy.model_sampling
 import torch
+from comfy_api.latest import io
 
 from ..core.inversion import Inversion
 
@@ -112,6 +113,13 @@ def replace_context(conds: list, make_context) -> list:
         c["model_conds"] = model_conds
         out.append(c)
     return out
+
+
+def dynamic_combo(input_name: str, options: list, tooltip: str) -> io.DynamicCombo.Input:
+    """A DynamicCombo whose schema also names its first option as the default: the front end's node-search
+    preview prints a widget's default and shows 'undefined' for a DynamicCombo without one."""
+    return io.DynamicCombo.Input(input_name, options=options, tooltip=tooltip,
+                                 extra_dict={"default": options[0].key})
 
 
 def dynamic_choice(value, input_name: str, options) -> str:

@@ -16,7 +16,7 @@ from ..core.attention import FrameWindow
 from ..core.keyframe import MODES, KeyframeAttention, frame_windows, previous_frame_pull
 from ..core.schedule import step_index
 from .comfy_attention import FRAME_WINDOW_KEY, FRAMES_KEY, attach_controller, chosen_self_layers, with_transformer_option
-from .host_helpers import dynamic_choice, map_cond_tensors
+from .host_helpers import dynamic_choice, dynamic_combo, map_cond_tensors
 from .pair_guider import clips_first
 
 CATEGORY = "EditKit/video"
@@ -137,8 +137,8 @@ class KeyframeAttentionNode(io.ComfyNode):
                         "any sampler and sample a batch.",
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x / 2.x model. It is cloned; the input is not changed."),
-                io.DynamicCombo.Input("mode", tooltip="Which frames each frame reads its keys and values from.",
-                                      options=[
+                dynamic_combo("mode", tooltip="Which frames each frame reads its keys and values from.",
+                              options=[
                     io.DynamicCombo.Option("first", []),
                     io.DynamicCombo.Option("first_and_previous", []),
                     io.DynamicCombo.Option("middle", []),

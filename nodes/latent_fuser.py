@@ -32,7 +32,7 @@ from ..core.multidiffusion import (Fusion, Window, bootstrap_choices, crop, regi
 from ..core.schedule import step_index
 from ..core.syncdiffusion import SyncSettings, anchor_index, shift_correction, sync_shifts
 from .comfy_attention import CONTROLS_KEY, WINDOW_GROUPS_KEY, with_transformer_option
-from .host_helpers import dynamic_choice, map_cond_tensors
+from .host_helpers import dynamic_choice, dynamic_combo, map_cond_tensors
 from .inversion import autograd_usable_weights
 
 CATEGORY = "EditKit/fusion"
@@ -408,10 +408,10 @@ class LatentFuserNode(io.ComfyNode):
                 io.Boolean.Input("circular", default=False,
                                  tooltip="360-degree panorama: windows wrap around horizontally, so the left and "
                                          "right edges meet without a seam."),
-                io.DynamicCombo.Input("mode", tooltip="multidiffusion: windows fused by averaging (Bar-Tal et al. "
-                                                      "2023); syncdiffusion: in the first steps every window is also "
-                                                      "pulled towards the middle window's look (Lee et al. 2023).",
-                                      options=[
+                dynamic_combo("mode", tooltip="multidiffusion: windows fused by averaging (Bar-Tal et al. "
+                                              "2023); syncdiffusion: in the first steps every window is also "
+                                              "pulled towards the middle window's look (Lee et al. 2023).",
+                              options=[
                     io.DynamicCombo.Option("multidiffusion", []),
                     io.DynamicCombo.Option("syncdiffusion", [
                         io.Combo.Input("lpips", options=_lpips_files(),

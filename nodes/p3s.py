@@ -21,7 +21,7 @@ from comfy_api.latest import io
 from ..core.pointmask import (FILL_COLOURS, FILL_REGIONS, NEGATIVE, POSITIVE, encode_grid, fill_image, parse_points,
                               patch_grid, preview, subject_mask, tile_layout)
 from ..core.pointmask import fill_region as region_to_fill
-from .host_helpers import dynamic_choice
+from .host_helpers import dynamic_choice, dynamic_combo
 
 CATEGORY = "EditKit/P3S"
 HIDDEN_STATES = {"penultimate": "penultimate_hidden_states", "last": "last_hidden_state"}
@@ -86,10 +86,10 @@ class PointMaskRNGR(io.ComfyNode):
                 io.String.Input("negative_points", multiline=True, default="",
                                 tooltip="Points on things that resemble the subject but must go (may be empty): "
                                         + POINTS_HELP),
-                io.DynamicCombo.Input("resolution", tooltip="coarse: the whole image in one encoder input, a "
-                                      "16x16 grid for ViT-L/14 (the paper). tiled: overlapping tiles, half a tile "
-                                      "apart, each one encoder input, their features averaged into a finer grid.",
-                                      options=[
+                dynamic_combo("resolution", tooltip="coarse: the whole image in one encoder input, a "
+                              "16x16 grid for ViT-L/14 (the paper). tiled: overlapping tiles, half a tile "
+                              "apart, each one encoder input, their features averaged into a finer grid.",
+                              options=[
                     io.DynamicCombo.Option("tiled", [
                         io.Int.Input("tiles", default=3, min=2, max=8,
                                      tooltip="Tiles along the longer side (ViT-L/14: 2 -> 24x24 cells, 3 -> "

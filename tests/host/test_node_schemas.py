@@ -66,3 +66,13 @@ def test_a_workflow_with_an_unknown_mode_fails_naming_the_input_and_its_options(
     prompt[comfy_host.node_of(prompt, node)]["inputs"][name] = "an_old_mode"
     with pytest.raises(comfy_host.HostError, match=f"{name}: the saved value is not one of {options} .an old or"):
         comfy_host.run_prompt(prompt)
+
+
+def test_every_dynamic_combo_names_its_first_option_as_default(host):
+    """The front end's node-search preview prints each widget's default: without one a DynamicCombo reads
+    'mode undefined'. The value a fresh node takes is the first option, so that is the default."""
+    combos = {(name, input_name): spec for name, cls in _pack_classes(host).items()
+              for input_name, spec in comfy_host.inputs_of_type(cls, "COMFY_DYNAMICCOMBO_V3").items()}
+    assert len(combos) >= 4
+    for (name, input_name), spec in combos.items():
+        assert spec.get("default") == spec["options"][0]["key"], f"{name}.{input_name}: default {spec.get('default')!r}"
