@@ -22,6 +22,13 @@ def tiny(host):
 
 
 @pytest.fixture(scope="module")
+def tiny_sdxl(host):
+    """(MODEL, CLIP, VAE) of the tiny SDXL-layout checkpoint; fresh clones per module."""
+    from support.tiny_models import tiny_sdxl_checkpoint
+    return tiny_sdxl_checkpoint(seed=0)
+
+
+@pytest.fixture(scope="module")
 def lpips_weights(host, tmp_path_factory):
     """The file name of random LPIPS weights in a temporary models/lpips folder (SyncDiffusion needs one)."""
     return comfy_host.add_random_lpips(tmp_path_factory.mktemp("lpips"))

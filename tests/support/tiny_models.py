@@ -29,6 +29,23 @@ Public API (float32, CPU):
 * ``save_tiny_controlnet(folder, seed=0, name=...)`` -> its file, for ControlNetLoader
   (``.safetensors``, or a ``torch.save`` dict under any other name, e.g. ``.pth``)
 
+SDXL layout (issue 24): SDXL's real block structure (3 levels, 2 res blocks per level, transformer depths
+0 / 2 / 10 per level and 10 in the middle: the 70 transformer blocks of SDXL at SDXL's ComfyUI sites) at tiny
+widths (32/64/128 channels, 16-channel heads, CLIP-L 32 + CLIP-G 64 = context 96, ADM 64 + 6 * 256 = 1600):
+
+* ``TINY_SDXL_UNET_CONFIG``       -- kwargs for ``diffusers.UNet2DConditionModel`` (``text_time`` added conditioning)
+* ``TINY_SDXL_COMFY_UNET_CONFIG`` -- the matching ComfyUI ``unet_config`` (``supported_models.SDXL``)
+* ``TINY_SDXL_CLIP_L_CONFIG`` / ``TINY_SDXL_CLIP_G_CONFIG`` -- overrides of ComfyUI's CLIP-L / CLIP-bigG text configs
+* ``SDXL_CLIP_L_WIDTH``, ``SDXL_CLIP_G_WIDTH``, ``SDXL_CONTEXT_DIM``, ``SDXL_POOLED_DIM``, ``SDXL_ADM_CHANNELS``,
+  ``SDXL_HEAD_CHANNELS``, ``SDXL_TRANSFORMER_SITES`` (the 11 transformer sites and their depths)
+* ``make_diffusers_sdxl_unet(seed=0)`` (works without ComfyUI, like ``make_diffusers_unet``)
+* ``comfy_sdxl_unet_state_dict(seed=0)`` -- the same weights under ComfyUI keys
+* ``make_comfy_sdxl_model(seed=0)`` -> ``comfy.model_patcher.ModelPatcher`` (``model_base.SDXL``, eps)
+* ``make_comfy_sdxl_clip(seed=0)``  -> ``comfy.sd.CLIP`` (``SDXLTokenizer`` / ``SDXLClipModel``)
+* ``make_comfy_sdxl_vae(seed=0)``   -> ``comfy.sd.VAE`` (the tiny SD-VAE: SDXL's VAE has the SD-VAE layout, and
+  its 0.13025 scale lives in ``latent_formats.SDXL``, i.e. in the MODEL, not in the VAE)
+* ``tiny_sdxl_checkpoint(seed=0)``  -> ``(MODEL, CLIP, VAE)``, cached and cloned like ``tiny_checkpoint``
+
 Only ``make_diffusers_unet`` works without ComfyUI; the ``make_comfy_*``
 functions need ComfyUI to have been booted first
 (``support.comfy_host.boot_comfy`` / ``boot``).
@@ -68,6 +85,23 @@ __all__ = [
     "make_toyworld_clip",
     "make_toyworld_vae",
     "toyworld_checkpoint",
+    "SDXL_CLIP_L_WIDTH",
+    "SDXL_CLIP_G_WIDTH",
+    "SDXL_CONTEXT_DIM",
+    "SDXL_POOLED_DIM",
+    "SDXL_ADM_CHANNELS",
+    "SDXL_HEAD_CHANNELS",
+    "SDXL_TRANSFORMER_SITES",
+    "TINY_SDXL_UNET_CONFIG",
+    "TINY_SDXL_COMFY_UNET_CONFIG",
+    "TINY_SDXL_CLIP_L_CONFIG",
+    "TINY_SDXL_CLIP_G_CONFIG",
+    "make_diffusers_sdxl_unet",
+    "comfy_sdxl_unet_state_dict",
+    "make_comfy_sdxl_model",
+    "make_comfy_sdxl_clip",
+    "make_comfy_sdxl_vae",
+    "tiny_sdxl_checkpoint",
 ]
 
 CONTEXT_DIM = 32
@@ -169,6 +203,7 @@ TINY_VAE_DDCONFIG = {
 
 # Distinct sub-seeds so that UNet / CLIP / VAE weights are independent.
 _SUBSEED = {"unet": 0, "clip": 1, "vae": 2, "controlnet": 3, "clip_vision": 4}
+_SUBSEED.update({"sdxl_unet": 5, "sdxl_clip": 6})   # the SDXL VAE is the tiny VAE ("vae")
 _BIAS_STD = 0.02
 
 
@@ -423,6 +458,8 @@ def clear_caches() -> None:
         _vae_sd_cache.clear()
         _ckpt_cache.clear()
         _toyworld_cache.clear()
+        _sdxl_unet_sd_cache.clear()
+        _sdxl_ckpt_cache.clear()
 
 
 # ----------------------------------------------------------------------------
@@ -586,3 +623,236 @@ def toyworld_checkpoint(folder=None):
             _toyworld_cache[key] = cached
         model, clip = cached
         return model.clone(), clip.clone(), make_toyworld_vae(folder)
+
+
+# ----------------------------------------------------------------------------
+# SDXL layout (issue 24)
+# ----------------------------------------------------------------------------
+
+# Text encoders: ComfyUI's SDXLClipModel concatenates CLIP-L's penultimate hidden state with CLIP-bigG's
+# penultimate hidden state (context width L + G) and returns CLIP-G's projected pooled output. ComfyUI's
+# comfy.clip_model.CLIPTextModel projects to ``hidden_size`` (it ignores ``projection_dim``), so the pooled width
+# is always CLIP-G's hidden width, as in the real model (1280).
+SDXL_CLIP_L_WIDTH = 32
+SDXL_CLIP_G_WIDTH = 64
+SDXL_CONTEXT_DIM = SDXL_CLIP_L_WIDTH + SDXL_CLIP_G_WIDTH            # real SDXL: 768 + 1280 = 2048
+SDXL_POOLED_DIM = SDXL_CLIP_G_WIDTH                                 # real SDXL: 1280
+# model_base.SDXL.encode_adm: [pooled CLIP-G, Timestep(256) of height, width, crop_h, crop_w, target_height,
+# target_width] -> pooled + 6 * 256 (real SDXL: 1280 + 1536 = 2816)
+SDXL_ADM_CHANNELS = SDXL_POOLED_DIM + 6 * 256
+# Channels per attention head (real SDXL: 64 -> 10 heads at 640 channels, 20 at 1280). 16 keeps several heads
+# per layer at tiny widths: 4 heads at 64 channels, 8 at 128 (the 1 : 2 ratio of the real model).
+SDXL_HEAD_CHANNELS = 16
+
+# Where SDXL's transformers sit, as ComfyUI names them: ((block, block_id), depth) with block_id the index in
+# input_blocks / output_blocks (the middle block is ("middle", 0)); 2 * 2 + 2 * 10 + 10 + 3 * 2 + 3 * 10 = 70
+# transformer blocks (attention patches see block_index 0 .. depth - 1 at each site).
+SDXL_TRANSFORMER_SITES = (
+    (("input", 4), 2), (("input", 5), 2), (("input", 7), 10), (("input", 8), 10),
+    (("middle", 0), 10),
+    (("output", 0), 10), (("output", 1), 10), (("output", 2), 10),
+    (("output", 3), 2), (("output", 4), 2), (("output", 5), 2),
+)
+
+# diffusers UNet2DConditionModel kwargs: diffusers' SDXL config (stabilityai/stable-diffusion-xl-base-1.0,
+# unet/config.json) at tiny widths. ``attention_head_dim`` is (the historical diffusers quirk) the number of
+# heads per level: 32/2, 64/4, 128/8 -> 16 channels each (real: 5, 10, 20 -> 64). ``transformer_layers_per_block``
+# (1, 2, 10) as in the real config: the first level's value is ignored (DownBlock2D / UpBlock2D have no
+# attention); the middle block takes the last value (10), the up blocks the reversed list.
+TINY_SDXL_UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64, 128),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": SDXL_CONTEXT_DIM,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (2, 4, 8),
+    "use_linear_projection": True,
+    "upcast_attention": False,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": SDXL_ADM_CHANNELS,
+}
+
+# The matching ComfyUI unet_config: the keys and values model_detection gives for SDXL
+# (unet_config_from_diffusers_unet's ``SDXL``), with tiny widths (model_channels, context_dim, adm_in_channels,
+# num_head_channels). supported_models.SDXL's constructor resets num_heads / num_head_channels to its
+# unet_extra_config (-1 / 64); make_comfy_sdxl_model sets SDXL_HEAD_CHANNELS back after construction.
+TINY_SDXL_COMFY_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": LATENT_CHANNELS,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": SDXL_ADM_CHANNELS,
+    "in_channels": LATENT_CHANNELS,
+    "model_channels": 32,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": SDXL_CONTEXT_DIM,
+    "num_heads": -1,
+    "num_head_channels": SDXL_HEAD_CHANNELS,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+# Overrides of comfy/sd1_clip_config.json (CLIP-L, read by SDClipModel as model_options["clip_l_model_config"])
+# and of comfy/clip_config_bigg.json (CLIP-bigG, model_options["clip_g_model_config"]). Three layers each:
+# SDXL reads the penultimate hidden state (layer_idx -2, and SDClipModel asserts abs(layer_idx) < num_layers, so
+# two layers are refused); CLIP-G's last layer feeds only its pooled output, CLIP-L's last layer nothing.
+TINY_SDXL_CLIP_L_CONFIG = {
+    "hidden_size": SDXL_CLIP_L_WIDTH,
+    "intermediate_size": 2 * SDXL_CLIP_L_WIDTH,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 3,
+    "projection_dim": SDXL_CLIP_L_WIDTH,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+}
+TINY_SDXL_CLIP_G_CONFIG = {
+    "hidden_size": SDXL_CLIP_G_WIDTH,
+    "intermediate_size": 2 * SDXL_CLIP_G_WIDTH,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "projection_dim": SDXL_POOLED_DIM,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+}
+
+
+def make_diffusers_sdxl_unet(seed: int = 0):
+    """A tiny SDXL-layout diffusers ``UNet2DConditionModel`` (float32, CPU, eval mode); call it with
+    ``added_cond_kwargs={"text_embeds": pooled (B, SDXL_POOLED_DIM), "time_ids": (B, 6)}`` (time ids: original
+    height, width, crop top, crop left, target height, target width, as ComfyUI's encode_adm orders them)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+    init_weights_(unet, _generator(seed, "sdxl_unet"))
+    unet.eval()
+    unet.requires_grad_(False)
+    return unet
+
+
+_sdxl_unet_sd_cache: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def _diffusers_sdxl_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    with _lock:
+        sd = _sdxl_unet_sd_cache.get(seed)
+        if sd is None:
+            unet = make_diffusers_sdxl_unet(seed)
+            sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+            _sdxl_unet_sd_cache[seed] = sd
+        return sd
+
+
+def comfy_sdxl_unet_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weights of ``make_diffusers_sdxl_unet(seed)`` under ComfyUI (ldm) keys, converted with ComfyUI's own
+    ``comfy.utils.unet_to_diffusers`` mapping (``add_embedding.*`` -> ``label_emb.0.*``)."""
+    _require_comfy()
+    import comfy.utils
+
+    diffusers_sd = _diffusers_sdxl_unet_state_dict(seed)
+    mapping = comfy.utils.unet_to_diffusers(TINY_SDXL_COMFY_UNET_CONFIG)  # diffusers key -> ldm key
+    unmapped = sorted(set(diffusers_sd) - set(mapping))
+    if unmapped:
+        raise RuntimeError(f"diffusers keys without a ComfyUI mapping: {unmapped[:5]}")
+    return {mapping[k]: v.clone() for k, v in diffusers_sd.items()}
+
+
+def make_comfy_sdxl_model(seed: int = 0):
+    """A ComfyUI MODEL (``ModelPatcher`` of ``model_base.SDXL``) with exactly the weights of
+    ``make_diffusers_sdxl_unet(seed)``.
+
+    Built through ``comfy.supported_models.SDXL`` (eps prediction, SD's scaled-linear schedule,
+    ``latent_formats.SDXL``) with the tiny ``unet_config``; load and offload device are the CPU. The
+    conditioning needs ``pooled_output`` (CLIPTextEncode on an SDXL CLIP gives it); ``width`` / ``height`` default
+    to the latent's size times 8 in the sampler, crops to 0, targets to width / height.
+    """
+    _require_comfy()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cpu = torch.device("cpu")
+    model_config = comfy.supported_models.SDXL(TINY_SDXL_COMFY_UNET_CONFIG)
+    # BASE.__init__ overwrote the head layout with SDXL's unet_extra_config (64-channel heads: 0 heads at 32)
+    model_config.unet_config["num_heads"] = TINY_SDXL_COMFY_UNET_CONFIG["num_heads"]
+    model_config.unet_config["num_head_channels"] = TINY_SDXL_COMFY_UNET_CONFIG["num_head_channels"]
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=cpu)
+    sd = comfy_sdxl_unet_state_dict(seed)
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"tiny sdxl unet load mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model = model.to(cpu).eval()
+    model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def make_comfy_sdxl_clip(seed: int = 0):
+    """Tiny SDXL text encoders as ``comfy.sd.CLIP``: ComfyUI's ``SDXLTokenizer`` (the shipped CLIP tokenizer for
+    both, CLIP-G padding with 0) and ``SDXLClipModel`` with ``TINY_SDXL_CLIP_L_CONFIG`` / ``TINY_SDXL_CLIP_G_CONFIG``.
+
+    ``encode_from_tokens`` gives a context of ``(1, 77 * chunks, SDXL_CONTEXT_DIM)`` and a pooled output of
+    ``(1, SDXL_POOLED_DIM)``.
+    """
+    _require_comfy()
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    cpu = torch.device("cpu")
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    model_options = {
+        "clip_l_model_config": dict(TINY_SDXL_CLIP_L_CONFIG),
+        "clip_g_model_config": dict(TINY_SDXL_CLIP_G_CONFIG),
+        "dtype": torch.float32,
+        "load_device": cpu,
+        "offload_device": cpu,
+        "initial_device": cpu,
+    }
+    clip = comfy.sd.CLIP(target=target, model_options=model_options)
+    init_weights_(clip.cond_stage_model, _generator(seed, "sdxl_clip"))
+    return clip
+
+
+def make_comfy_sdxl_vae(seed: int = 0):
+    """The VAE of ``tiny_sdxl_checkpoint``: ``make_comfy_vae(seed)`` itself. SDXL's VAE has the SD-VAE layout
+    (4 latent channels, downscale 8); its different scale (0.13025 instead of 0.18215) is applied by the MODEL's
+    ``latent_formats.SDXL`` when sampling (process_in / process_out), never by ``comfy.sd.VAE``."""
+    return make_comfy_vae(seed)
+
+
+_sdxl_ckpt_cache: dict[int, tuple] = {}
+
+
+def tiny_sdxl_checkpoint(seed: int = 0):
+    """``(MODEL, CLIP, VAE)`` of the tiny SDXL-layout checkpoint, like CheckpointLoaderSimple returns for SDXL.
+
+    As ``tiny_checkpoint``: the UNet and text encoders are built once per seed and cached, every call returns
+    clones (``ModelPatcher.clone()`` / ``CLIP.clone()``) and a fresh VAE.
+    """
+    with _lock:
+        cached = _sdxl_ckpt_cache.get(seed)
+        if cached is None:
+            cached = (make_comfy_sdxl_model(seed), make_comfy_sdxl_clip(seed))
+            _sdxl_ckpt_cache[seed] = cached
+        model, clip = cached
+        return model.clone(), clip.clone(), make_comfy_sdxl_vae(seed)
