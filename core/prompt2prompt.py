@@ -422,11 +422,7 @@ class MutualSelfAttention(AttentionController):
         return call.site.layer in self.layers and self._in_window(call)
 
     def needs_probs(self, call: AttentionCall) -> bool:
-        if call.site.kind == CROSS:
-            return True
-        if self.masks is not None:
-            return True
-        return self.mask_keys is not None and self._step_maps(call) is not None
+        return call.site.kind == CROSS   # the word's maps; the masked self-attention is `own_attention`
 
     def new_run_state(self):
         return _MutualState()
@@ -452,15 +448,22 @@ class MutualSelfAttention(AttentionController):
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         if call.site.kind == CROSS:
             self._record(call, probs)
-            return probs
-        foreground = self._foreground(call, probs.device)   # (frames * items, tokens) bool
-        probs = probs.clone()
-        layout = call.layout
-        for source, targets in pair_rows(call, branch=None):
-            for row in targets:
-                probs[row] = _split_attention(probs[row], foreground[layout.frame_item_of(source)],
-                                              foreground[layout.frame_item_of(row)])
         return probs
+
+    def own_attention(self, call: AttentionCall, q, k, v, out: torch.Tensor, attend) -> torch.Tensor:
+        """The masked variants' split attention of the target rows (the keys and values are already the
+        source's), computed per region with the host's kernel: no probabilities are materialised."""
+        if call.site.kind == CROSS or (self.masks is None and (self.mask_keys is None or
+                                                               self._step_maps(call) is None)):
+            return out
+        foreground = self._foreground(call, q.device)   # (frames * items, tokens) bool
+        layout = call.layout
+        out = out.clone()
+        for source, targets in pair_rows(call, branch=None):
+            query_fg = torch.stack([foreground[layout.frame_item_of(row)] for row in targets])
+            out[targets] = _split_attention(q[targets], k[source:source + 1], v[source:source + 1], call.heads,
+                                            foreground[layout.frame_item_of(source)], query_fg, attend)
+        return out
 
     def _foreground(self, call: AttentionCall, device) -> torch.Tensor:
         """Each frame's items' foreground at this layer's token grid (frame-major): the source's (item 0) selects
@@ -498,14 +501,19 @@ def _min_max(maps: torch.Tensor) -> torch.Tensor:
     return (maps - low) / (high - low)
 
 
-def _split_attention(p: torch.Tensor, key_fg: torch.Tensor, query_fg: torch.Tensor) -> torch.Tensor:
-    """p: (heads, Nq, Nk) probabilities; key_fg (Nk,), query_fg (Nq,) bool. Foreground queries attend only to
-    foreground keys and background queries to background keys, each renormalised; a region without keys
-    attends uniformly to all (what the reference's masking with the float minimum gives)."""
+def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, key_fg: torch.Tensor,
+                     query_fg: torch.Tensor, attend) -> torch.Tensor:
+    """q: (rows, Nq, C) of rows reading one row's k, v: (1, Nk, C); key_fg (Nk,), query_fg (rows, Nq) bool.
+    Foreground queries attend only to the foreground keys and background queries to the background keys, each
+    a softmax of its own (what renormalising the probabilities within each region gives); a region without
+    keys attends uniformly to all keys, i.e. takes the mean value (what the reference's masking with the float
+    minimum gives). Two calls of `attend` on key subsets, never a (queries x keys) matrix."""
     parts = []
     for keys in (key_fg, ~key_fg):
-        part = p * keys.to(p.dtype)
-        total = part.sum(dim=-1, keepdim=True)
-        uniform = torch.full_like(p, 1.0 / p.shape[-1])
-        parts.append(torch.where(total > 0, part / total.clamp(min=torch.finfo(p.dtype).tiny), uniform))
-    return torch.where(query_fg[None, :, None], parts[0], parts[1])
+        if keys.any():
+            chosen_k = k[:, keys].expand(q.shape[0], -1, -1)
+            chosen_v = v[:, keys].expand(q.shape[0], -1, -1)
+            parts.append(attend(q, chosen_k, chosen_v, heads))
+        else:
+            parts.append(v.mean(dim=1, keepdim=True).expand(q.shape[0], q.shape[1], -1).to(q.dtype))
+    return torch.where(query_fg[..., None], parts[0], parts[1])

@@ -252,24 +252,50 @@ def test_local_blend_ignores_a_prompt_without_the_words():
     assert mask.sum() == 4   # the target's pooled corner only; the source map (no words) does not count
 
 
-def test_masked_mutual_attention_keeps_foreground_and_background_apart():
-    keys = (PromptKeys(4, (1,)), PromptKeys(4, (1,)))
-    masa = MutualSelfAttention(start_step=0, layers=frozenset({0}), mask_keys=keys, mask_threshold=0.5)
-    run = RunState([masa])
-    state = run.of(masa)
-    fg = torch.zeros(2, 2, 2)
+def _split_by_probabilities(q, k, v, key_fg, query_fg):
+    """The masked variants' attention written with the probability matrix (one head): softmax over all keys,
+    each query's probabilities kept on its region's keys and renormalised; uniform where the region has none."""
+    p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    rows = []
+    for i in range(q.shape[0]):
+        keys = key_fg if query_fg[i] else ~key_fg
+        part = p[i] * keys.double()
+        rows.append(part / part.sum() if keys.any() else torch.full_like(part, 1.0 / part.numel()))
+    return torch.stack(rows) @ v
+
+
+@pytest.mark.parametrize("background_keys", [True, False])
+def test_masked_mutual_attention_keeps_foreground_and_background_apart(background_keys):
+    """The target's foreground queries read only the source's foreground keys, its background queries only the
+    background ones, with no probability matrix (two attention calls on key subsets); a region without keys
+    reads the mean value. The source row is untouched."""
+    from editkit.core.attention import sdpa_attention
+    fg = torch.zeros(2, 2, 2, dtype=torch.float64)
     fg[:, 0, :] = 1.0          # top row is the subject in both images
-    state.evaluation, state.sums, state.count = (0, None), fg, 1
+    if background_keys:        # the word's maps of this step
+        keys = (PromptKeys(4, (1,)), PromptKeys(4, (1,)))
+        masa = MutualSelfAttention(start_step=0, layers=frozenset({0}), mask_keys=keys, mask_threshold=0.5)
+    else:                      # the user's masks, the source all subject: its background has no keys
+        fg[0] = 1.0
+        masa = MutualSelfAttention(start_step=0, layers=frozenset({0}), masks=(fg[0], fg[1]))
+    run = RunState([masa])
+    run.of(masa).evaluation, run.of(masa).sums, run.of(masa).count = (0, None), fg, 1
     site = AttentionSite(0, "self", "output", 3)
     call = AttentionCall(site, heads=1, step=0, num_steps=1, grid=(2, 2), layout=BatchLayout(("cond",), 2), run=run)
-    probs = torch.softmax(torch.randn(2, 1, 4, 4), dim=-1)
-    out = masa.edit_probs(call, probs)
-    assert torch.equal(out[0], probs[0])
-    target = out[1, 0]
-    assert torch.allclose(target.sum(-1), torch.ones(4))
-    assert target[:2, 2:].abs().max() == 0 and target[2:, :2].abs().max() == 0   # fg queries -> fg keys only
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    assert not masa.needs_probs(call)
+    q, k, v = masa.edit_qkv(call, q, k, v)
+    plain = sdpa_attention(q, k, v, 1)
+    out = masa.own_attention(call, q, k, v, plain, sdpa_attention)
+    assert torch.equal(out[0], plain[0])
+    key_fg, query_fg = (fg[0] >= 0.5).flatten(), (fg[1] >= 0.5).flatten()
+    expected = _split_by_probabilities(q[1], k[0], v[0], key_fg, query_fg)
+    assert torch.allclose(out[1], expected, atol=1e-12)
+    assert not torch.allclose(out[1], plain[1])
     later = AttentionCall(site, heads=1, step=1, num_steps=2, grid=(2, 2), layout=BatchLayout(("cond",), 2), run=run)
-    assert not masa.needs_probs(later)   # the maps of step 0 do not serve step 1: unmasked until it has its own
+    if background_keys:   # the maps of step 0 do not serve step 1: unmasked until it has its own
+        assert torch.equal(masa.own_attention(later, q, k, v, plain, sdpa_attention), plain)
 
 
 def test_masactrl_word_mask_is_min_max_normalised_nearest_resized_and_includes_the_threshold():
