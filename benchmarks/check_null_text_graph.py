@@ -1,135 +1,88 @@
 """GPU check: null-text's inner step replayed from a CUDA graph does what the eager step does, and is faster.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/check_null_text_graph.py        # GPU only
-
-Full-size SD1.5 UNet layout (random weights, fp16), 512x512, 50-step ddim_uniform schedule:
+Run as rows of bench.py's inversion group (`bench.py --rows inversion`; GPU rows, skipped on the CPU):
 1. ten inner iterations of the first sampling step, eagerly and from a graph, from the same start: their
    losses and the optimised embeddings must agree (fp16 rounding, not different arithmetic);
 2. the NullTextInvert node under inference mode, as ComfyUI's executor runs it, with and without the graph:
    time, whether the graph was used, and each one's reconstruction error against plain DDIM inversion's.
-Exits 1 if step 1 disagrees or the node did not use the graph.
+The row "null-text check: graph agrees with eager, node uses it" says "check failed" if step 1 disagrees or the
+node did not use the graph.
 """
 from __future__ import annotations
 
-import pathlib
-import sys
-import tempfile
 import time
 
 import torch
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def _timed(fn):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
-def _inner_iterations(inner, count):
-    losses = []
-    for _ in range(count):
-        losses.append(inner.run().item())
-    return losses
-
-
-def check_inner_step(model, eps, latents, sigmas, cond, uncond) -> bool:
+def inner_iterations(eps, latents, sigmas, cond, uncond, graph: bool, count: int = 10, guidance: float = 7.5):
+    """`count` inner iterations of the first sampling step from the same start, eagerly or replayed from a CUDA
+    graph (built and used once first: lazy initialisation). Returns (seconds of the `count` iterations,
+    (their losses, the optimised embedding))."""
     from editkit.core.inversion import _InnerIteration
     sig = [float(s) for s in sigmas]
     x = latents[0]
-    with torch.no_grad():
-        eps_c = eps(x[None], sig[0], cond)[0]
-    results = {}
-    for how in ("eager", "graph"):
-        inner = _InnerIteration(eps, x, uncond, 7.5)
+    with torch.enable_grad():
+        with torch.no_grad():
+            eps_c = eps(x[None], sig[0], cond)[0]
+        inner = _InnerIteration(eps, x, uncond, guidance)
         inner.start(x, eps_c, latents[1], sig[0], sig[1], 1e-2)
-        if how == "graph":
+        if graph:
             inner.capture()
-        _inner_iterations(inner, 1)                      # first use: lazy initialisation
+        inner.run().item()
         inner.start(x, eps_c, latents[1], sig[0], sig[1], 1e-2)
         with torch.no_grad():
             inner.embedding.copy_(uncond)
-        losses, seconds = _timed(lambda: _inner_iterations(inner, 10))
-        results[how] = (losses, inner.embedding.detach().clone(), seconds)
-        print(f"{how:5}: {seconds / 10 * 1000:6.1f} ms per inner iteration; losses "
-              + " ".join(f"{v:.5g}" for v in losses), flush=True)
-    (loss_e, emb_e, _), (loss_g, emb_g, _) = results["eager"], results["graph"]
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        losses = [inner.run().item() for _ in range(count)]      # .item() waits for each iteration
+        seconds = time.perf_counter() - start
+    return seconds, (losses, inner.embedding.detach().clone())
+
+
+def verdict(eager, graph, uncond, node_inversion) -> tuple[bool, str]:
+    """Whether the graph's iterations agree with the eager ones (results of inner_iterations) and the node (its
+    INVERSION output) used the graph; and the figures compared."""
+    (loss_e, emb_e), (loss_g, emb_g) = eager, graph
     moved = (emb_e - uncond).abs().max().item()
     apart = (emb_g - emb_e).abs().max().item()
     loss_gap = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(loss_e, loss_g))
-    print(f"embedding moved {moved:.4g} (eager); graph vs eager: max embedding difference {apart:.3g}, "
-          f"largest relative loss difference {loss_gap:.3g}", flush=True)
-    return apart <= 0.05 * moved and loss_gap <= 1e-2
+    used = node_inversion.metadata.get("cuda_graph", "-")
+    agree = apart <= 0.05 * moved and loss_gap <= 1e-2
+    return agree and used == "on", (f"embedding moved {moved:.4g} (eager); graph vs eager: max embedding difference "
+                                    f"{apart:.3g}, largest relative loss difference {loss_gap:.3g}; node cuda_graph "
+                                    f"{used}")
 
 
-def check_node(model, cond, uncond, x0, steps=50) -> bool:
+def node_run(model, cond, uncond, x0, mode: str, graph: bool, steps: int, inner_steps: int):
+    """A function running the Invert Image node under inference mode (as ComfyUI's executor does) on the latent
+    x0, with the CUDA graph allowed or not; it returns the node's INVERSION."""
     import editkit.nodes.inversion as inversion_nodes
-    from editkit.core.inversion import Inversion, reconstruct
-    inner_model = model.model
-    latent = {"samples": inner_model.process_latent_out(x0[None].clone().cpu())}
+    latent = {"samples": model.model.process_latent_out(x0[None].clone().cpu())}
     positive, negative = [[cond.cpu(), {}]], [[uncond.cpu(), {}]]
-    args = dict(steps=steps, scheduler="ddim_uniform", guidance=7.5, inner_steps=10, learning_rate=0.01,
-                early_stop=1e-5)
-    replayable = inversion_nodes.graph_replayable
-    used = {}
-    errors = {}
-    try:
-        for how in ("graph", "eager", "ddim"):
-            inversion_nodes.graph_replayable = replayable if how == "graph" else (lambda m: False)
-            mode = "ddim" if how == "ddim" else "null_text"
+
+    def run():
+        replayable = inversion_nodes.graph_replayable
+        inversion_nodes.graph_replayable = replayable if graph else (lambda m: False)
+        try:
             with torch.inference_mode():
-                (_, inversion, _), seconds = _timed(lambda: inversion_nodes.NullTextInvert.execute(
-                    model, positive, negative, latent, mode, **args))
-            used[how] = inversion.metadata.get("cuda_graph", "-")
-            eps = inversion_nodes.ComfyEps(model)
-            on_device = Inversion(inversion.mode, inversion.sigmas, inversion.latents.to(x0.device), 7.5,
-                                  None if inversion.uncond_embeddings is None
-                                  else inversion.uncond_embeddings.to(x0.device))
-            with torch.no_grad():
-                back = reconstruct(eps, on_device, cond, uncond)
-            errors[how] = (back - x0).pow(2).mean().item()
-            print(f"node {how:5}: {seconds:6.1f} s, cuda_graph {used[how]}, reconstruction MSE {errors[how]:.4g}",
-                  flush=True)
-    finally:
-        inversion_nodes.graph_replayable = replayable
-    return used["graph"] == "on"
+                return inversion_nodes.NullTextInvert.execute(model, positive, negative, latent, mode, steps,
+                                                              "ddim_uniform", 7.5, inner_steps, 0.01, 1e-5).result[1]
+        finally:
+            inversion_nodes.graph_replayable = replayable
+    return run
 
 
-def main():
-    if not torch.cuda.is_available():
-        sys.exit("check_null_text_graph.py needs a CUDA GPU")
-    from support import comfy_host
-    comfy_host.boot(pathlib.Path(tempfile.mkdtemp(prefix="editkit-graph-")), cpu=False)
-    from support.pack import import_pack
-    import_pack()
-    import bench
-    import comfy.model_management
-    import comfy.samplers
-    from editkit.core.inversion import ddim_invert
-    from editkit.nodes.inversion import ComfyEps, graph_replayable
-    device = torch.device("cuda")
-    model = bench.build_sd15(device, torch.float16)
-    comfy.model_management.load_models_gpu([model])
-    print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}; graph_replayable: "
-          f"{graph_replayable(model)}", flush=True)
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(4, 64, 64, generator=g).to(device)
-    cond = torch.randn(1, 77, 768, generator=g).to(device)
-    uncond = torch.randn(1, 77, 768, generator=g).to(device)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", 50).float()
+def node_note(model, inversion, cond, uncond, x0) -> str:
+    """Whether the node used the graph, and the reconstruction error of its inversion."""
+    from editkit.core.inversion import Inversion, reconstruct
+    from editkit.nodes.inversion import ComfyEps
     eps = ComfyEps(model)
-    latents = ddim_invert(eps, x0, sigmas, cond)
-    with torch.enable_grad():
-        inner_ok = check_inner_step(model, eps, latents, sigmas, cond, uncond)
-    node_ok = check_node(model, cond, uncond, x0)
-    print(f"inner step agrees: {inner_ok}; node used the graph: {node_ok}", flush=True)
-    sys.exit(0 if inner_ok and node_ok else 1)
-
-
-if __name__ == "__main__":
-    main()
+    embeddings = inversion.uncond_embeddings
+    on_device = Inversion(inversion.mode, inversion.sigmas, inversion.latents.to(x0.device), 7.5,
+                          None if embeddings is None else embeddings.to(x0.device))
+    with torch.no_grad():
+        back = reconstruct(eps, on_device, cond, uncond)
+    used = inversion.metadata.get("cuda_graph")
+    return (f"cuda_graph {used}, " if used else "") + f"reconstruction MSE {(back - x0).pow(2).mean().item():.4g}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool, repository root; `.device/` carried): install the wheels the
-# ComfyUI snapshot needs, then run the given benchmark command(s) with COMFYUI_PATH set. Example:
-#   bash benchmarks/run_on_device.sh python3 benchmarks/bench.py --rows inversion
+# ComfyUI snapshot needs, then run the given benchmark command(s) with COMFYUI_PATH set. One loan, one call
+# (benchmarks/README.md, "One GPU loan, one command"; the device tool's timeout_s 580):
+#   bash benchmarks/run_on_device.sh python3 benchmarks/bench.py --budget 540
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d .device/ComfyUI ] || [ ! -d .device/whl ]; then
