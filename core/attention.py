@@ -266,10 +266,10 @@ class AttentionController:
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         return probs
 
-    def own_attention(self, call: AttentionCall, q, k, v, out: torch.Tensor, attend: FastAttention) -> torch.Tensor:
+    def own_attention(self, call: AttentionCall, q, k, v, out: torch.Tensor) -> torch.Tensor:
         """The call's output after the controller computed some rows' attention itself from the edited q, k, v
-        with `attend` (the host's kernel), instead of asking for the whole batch's probabilities; `out` holds
-        every row's output as computed so far."""
+        (with fused kernels), instead of asking for the whole batch's probabilities; `out` holds every row's
+        output as computed so far."""
         return out
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
@@ -390,7 +390,7 @@ def controlled_attention(call: AttentionCall, q, k, v, controllers: Sequence[Att
     else:
         out = fast_attention(q, k, v, call.heads)
     for c in active:
-        out = c.own_attention(call, q, k, v, out, fast_attention)
+        out = c.own_attention(call, q, k, v, out)
     for c in active:
         out = c.edit_output(call, out)
     return out

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import CROSS, SELF, AttentionCall, AttentionController, AttentionSite, frame_groups, level_grid
+from .attention import (CROSS, SELF, AttentionCall, AttentionController, AttentionSite, biased_attention,
+                        frame_groups, level_grid)
 from .capture import AttentionMapStore, fold_repeated_context, normalise_per_map, unfold_repeated_context
 from .tokens import TokenMap
 
@@ -450,9 +451,9 @@ class MutualSelfAttention(AttentionController):
             self._record(call, probs)
         return probs
 
-    def own_attention(self, call: AttentionCall, q, k, v, out: torch.Tensor, attend) -> torch.Tensor:
+    def own_attention(self, call: AttentionCall, q, k, v, out: torch.Tensor) -> torch.Tensor:
         """The masked variants' split attention of the target rows (the keys and values are already the
-        source's), computed per region with the host's kernel: no probabilities are materialised."""
+        source's), computed per region with a key mask: no probabilities are materialised."""
         if call.site.kind == CROSS or (self.masks is None and (self.mask_keys is None or
                                                                self._step_maps(call) is None)):
             return out
@@ -462,7 +463,7 @@ class MutualSelfAttention(AttentionController):
         for source, targets in pair_rows(call, branch=None):
             query_fg = torch.stack([foreground[layout.frame_item_of(row)] for row in targets])
             out[targets] = _split_attention(q[targets], k[source:source + 1], v[source:source + 1], call.heads,
-                                            foreground[layout.frame_item_of(source)], query_fg, attend)
+                                            foreground[layout.frame_item_of(source)], query_fg)
         return out
 
     def _foreground(self, call: AttentionCall, device) -> torch.Tensor:
@@ -502,18 +503,19 @@ def _min_max(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, key_fg: torch.Tensor,
-                     query_fg: torch.Tensor, attend) -> torch.Tensor:
+                     query_fg: torch.Tensor) -> torch.Tensor:
     """q: (rows, Nq, C) of rows reading one row's k, v: (1, Nk, C); key_fg (Nk,), query_fg (rows, Nq) bool.
     Foreground queries attend only to the foreground keys and background queries to the background keys, each
     a softmax of its own (what renormalising the probabilities within each region gives); a region without
     keys attends uniformly to all keys, i.e. takes the mean value (what the reference's masking with the float
-    minimum gives). Two calls of `attend` on key subsets, never a (queries x keys) matrix."""
+    minimum gives). One fused call per region with a broadcast key mask, never a (queries x keys) matrix, and
+    no read of the device (an empty region is selected on the device)."""
+    rows = q.shape[0]
+    k, v = k.expand(rows, -1, -1), v.expand(rows, -1, -1)
+    mean = v.mean(dim=1, keepdim=True)
     parts = []
     for keys in (key_fg, ~key_fg):
-        if keys.any():
-            chosen_k = k[:, keys].expand(q.shape[0], -1, -1)
-            chosen_v = v[:, keys].expand(q.shape[0], -1, -1)
-            parts.append(attend(q, chosen_k, chosen_v, heads))
-        else:
-            parts.append(v.mean(dim=1, keepdim=True).expand(q.shape[0], q.shape[1], -1).to(q.dtype))
+        empty = ~keys.any()
+        bias = torch.zeros(keys.shape, dtype=q.dtype, device=q.device).masked_fill(~(keys | empty), float("-inf"))
+        parts.append(torch.where(empty, mean, biased_attention(q, k, v, heads, bias.expand(rows, -1))))
     return torch.where(query_fg[..., None], parts[0], parts[1])

@@ -287,7 +287,7 @@ def test_masked_mutual_attention_keeps_foreground_and_background_apart(backgroun
     assert not masa.needs_probs(call)
     q, k, v = masa.edit_qkv(call, q, k, v)
     plain = sdpa_attention(q, k, v, 1)
-    out = masa.own_attention(call, q, k, v, plain, sdpa_attention)
+    out = masa.own_attention(call, q, k, v, plain)
     assert torch.equal(out[0], plain[0])
     key_fg, query_fg = (fg[0] >= 0.5).flatten(), (fg[1] >= 0.5).flatten()
     expected = _split_by_probabilities(q[1], k[0], v[0], key_fg, query_fg)
@@ -295,7 +295,7 @@ def test_masked_mutual_attention_keeps_foreground_and_background_apart(backgroun
     assert not torch.allclose(out[1], plain[1])
     later = AttentionCall(site, heads=1, step=1, num_steps=2, grid=(2, 2), layout=BatchLayout(("cond",), 2), run=run)
     if background_keys:   # the maps of step 0 do not serve step 1: unmasked until it has its own
-        assert torch.equal(masa.own_attention(later, q, k, v, plain, sdpa_attention), plain)
+        assert torch.equal(masa.own_attention(later, q, k, v, plain), plain)
 
 
 def test_masactrl_word_mask_is_min_max_normalised_nearest_resized_and_includes_the_threshold():
