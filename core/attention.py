@@ -26,9 +26,10 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from .structure import BLOCK_ORDER, UNetStructure
+
 SELF = "self"
 CROSS = "cross"
-BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
 
 # fast_attention(q, k, v, heads) -> out: the host's own attention kernel for the untouched path.
 FastAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -61,7 +62,7 @@ class AttentionSite:
 def sites_for_transformers(transformers: Iterable[tuple[str, int, int]]) -> list[AttentionSite]:
     """The self- and cross-attention sites of transformer blocks given as (block, block_id, index).
 
-    Sorted into UNet execution order; both adapters build their site list through this function.
+    Sorted into UNet execution order; `structure_sites` builds every adapter's site list through this function.
     """
     ordered = sorted(transformers, key=lambda t: (BLOCK_ORDER[t[0]], t[1], t[2]))
     sites = []
@@ -69,6 +70,11 @@ def sites_for_transformers(transformers: Iterable[tuple[str, int, int]]) -> list
         sites.append(AttentionSite(layer, SELF, block, block_id, index))
         sites.append(AttentionSite(layer, CROSS, block, block_id, index))
     return sites
+
+
+def structure_sites(structure: UNetStructure) -> list[AttentionSite]:
+    """The self- and cross-attention sites of every transformer layer of a UNet (core/structure.py)."""
+    return sites_for_transformers((t.block, t.block_id, t.index) for t in structure.layers)
 
 
 @dataclass(frozen=True)

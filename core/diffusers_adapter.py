@@ -1,10 +1,11 @@
 """Diffusers adapter: the same controllers on a `UNet2DConditionModel`, through attention processors.
 
 Used by the core tests (a real UNet without a host) and by anyone driving diffusers directly. Sites are
-named as ComfyUI names them: down_blocks[i].attentions[j] sits in ComfyUI's input block
-1 + (resnets and downsamplers before it), up_blocks[i].attentions[j] in output block (resnets before it) + j.
-Feature sites are the resnets of the same blocks (mid_block.resnets[0] opens the middle block); their
-residual branch is the output of `conv2`, which the adapter edits through a forward hook while installed.
+named as ComfyUI names them (`unet_structure`, core/structure.py): down_blocks[i].attentions[j] sits in
+ComfyUI's input block 1 + (resnets and downsamplers before it), up_blocks[i].attentions[j] in output block
+(resnets before it) + j. Feature sites are the resnets of the same blocks (mid_block.resnets[0] opens the
+middle block); their residual branch is the output of `conv2`, which the adapter edits through a forward
+hook while installed.
 """
 from __future__ import annotations
 
@@ -13,62 +14,78 @@ import re
 
 import torch
 
-from .attention import (AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet, FeatureCall,
-                        FeatureSite, RunState, controlled_attention, controlled_features, sdpa_attention,
-                        sites_for_transformers, token_grid)
+from .attention import (CROSS, SELF, AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet,
+                        FeatureCall, FeatureSite, RunState, controlled_attention, controlled_features, sdpa_attention,
+                        structure_sites, token_grid)
+from .structure import DECODER, ENCODER, MIDDLE, Block, UNetStructure
 
 _NAME = re.compile(r"^(down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.attentions\.(\d+)"
                    r"\.transformer_blocks\.(\d+)\.(attn1|attn2)\.processor$")
 
 
-def _comfy_block_ids(unet) -> tuple[dict, dict]:
-    """Map (down block, attention j) and (up block, attention j) to ComfyUI's input / output block ids."""
-    down, up = {}, {}
-    block_id = 1   # input block 0 is conv_in
-    for i, blk in enumerate(unet.down_blocks):
+def unet_structure(unet) -> UNetStructure:
+    """The structure of a diffusers UNet, in ComfyUI's naming: input block 0 is conv_in, then each resnet of
+    down_blocks[i] (with its attention, if any) is one input block at level i, and its downsampler one more;
+    the middle block is at the last down block's level; each resnet of up_blocks[i] (with its attention) is
+    one output block at level len(up_blocks) - 1 - i."""
+    def transformers(blk, j):
+        attentions = getattr(blk, "attentions", None)
+        return len(attentions[j].transformer_blocks) if attentions else 0
+
+    blocks = [Block(ENCODER, 0, 0)]
+    for level, blk in enumerate(unet.down_blocks):
         for j in range(len(blk.resnets)):
-            down[(i, j)] = block_id
-            block_id += 1
+            blocks.append(Block(ENCODER, len(blocks), level, transformers(blk, j), True))
         if getattr(blk, "downsamplers", None):
-            block_id += 1
-    block_id = 0
+            blocks.append(Block(ENCODER, len(blocks), level))
+    blocks.append(Block(MIDDLE, 0, len(unet.down_blocks) - 1, transformers(unet.mid_block, 0), True))
+    decoder = []
     for i, blk in enumerate(unet.up_blocks):
         for j in range(len(blk.resnets)):
-            up[(i, j)] = block_id
-            block_id += 1
-    return down, up
+            decoder.append(Block(DECODER, len(decoder), len(unet.up_blocks) - 1 - i, transformers(blk, j), True))
+    return UNetStructure(tuple(blocks + decoder))
+
+
+def _block_ids(structure: UNetStructure) -> dict[tuple[str, int, int], int]:
+    """(part, level, j) -> ComfyUI block id of the j-th ResBlock block of that part at that level: where
+    down_blocks[level] / up_blocks[top - level] resnets[j] and attentions[j] sit."""
+    ids, counts = {}, {}
+    for b in structure.feature_blocks:
+        j = counts[(b.part, b.level)] = counts.get((b.part, b.level), -1) + 1
+        ids[(b.part, b.level, j)] = b.block_id
+    return ids
+
+
+def _diffusers_path(unet, part: str, level: int) -> str:
+    if part == ENCODER:
+        return f"down_blocks.{level}"
+    if part == DECODER:
+        return f"up_blocks.{len(unet.up_blocks) - 1 - level}"
+    return "mid_block"
 
 
 def processor_sites(unet) -> dict[str, AttentionSite]:
     """Processor name -> site, for every transformer self- and cross-attention of the UNet."""
-    down, up = _comfy_block_ids(unet)
+    structure = unet_structure(unet)
+    sites = {(s.block, s.block_id, s.index, s.kind): s for s in structure_sites(structure)}
+    ids = {(part, _diffusers_path(unet, part, level), j): block_id
+           for (part, level, j), block_id in _block_ids(structure).items()}
     placed = {}
     for name in unet.attn_processors:
         m = _NAME.match(name)
         if m is None:
             continue
+        part = ENCODER if m.group(2) is not None else DECODER if m.group(3) is not None else MIDDLE
         j, t, attn = int(m.group(4)), int(m.group(5)), m.group(6)
-        if m.group(2) is not None:
-            key = ("input", down[(int(m.group(2)), j)], t)
-        elif m.group(3) is not None:
-            key = ("output", up[(int(m.group(3)), j)], t)
-        else:
-            key = ("middle", 0, t)
-        placed[name] = (key, "self" if attn == "attn1" else "cross")
-    sites = {(s.block, s.block_id, s.index, s.kind): s for s in sites_for_transformers({k for k, _ in placed.values()})}
-    return {name: sites[key + (kind,)] for name, (key, kind) in placed.items()}
+        placed[name] = sites[(part, ids[(part, m.group(1), j)], t, SELF if attn == "attn1" else CROSS)]
+    return placed
 
 
 def feature_modules(unet) -> dict[FeatureSite, torch.nn.Module]:
     """Feature site -> the convolution whose output is that resnet's residual branch."""
-    down, up = _comfy_block_ids(unet)
-    out = {}
-    for (i, j), block_id in down.items():
-        out[FeatureSite("input", block_id)] = unet.down_blocks[i].resnets[j].conv2
-    out[FeatureSite("middle", 0)] = unet.mid_block.resnets[0].conv2
-    for (i, j), block_id in up.items():
-        out[FeatureSite("output", block_id)] = unet.up_blocks[i].resnets[j].conv2
-    return out
+    modules = dict(unet.named_modules())
+    return {FeatureSite(part, block_id): modules[f"{_diffusers_path(unet, part, level)}.resnets.{j}.conv2"]
+            for (part, level, j), block_id in _block_ids(unet_structure(unet)).items()}
 
 
 class _Session:

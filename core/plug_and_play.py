@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import SELF, AttentionCall, AttentionController, AttentionSite, BatchLayout, FeatureCall, FeatureSite
-
-DECODER = "output"
+from .structure import DECODER
 
 
 def inject_source(x: torch.Tensor, layout: BatchLayout, strength: float = 1.0) -> torch.Tensor:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
 
 from ..core.attention import (SELF, AttentionCall, AttentionController, AttentionSite, BatchLayout, ControlSet,
                               FeatureCall, FeatureSite, RunState, controlled_attention, controlled_features,
-                              parse_layers, sites_for_transformers)
+                              parse_layers, structure_sites)
 from ..core.schedule import step_index
+from ..core.structure import DECODER, Block, UNetStructure
 
 CONTROLS_KEY = "editkit_controls"
 RUN_KEY = "editkit_run"
@@ -61,29 +62,61 @@ def _unet_blocks(unet):
     yield from (("output", i, seq) for i, seq in enumerate(unet.output_blocks))
 
 
+def _block(unet, block: str, block_id: int):
+    """The module sequence of UNet block (`block`, `block_id`)."""
+    return unet.middle_block if block == "middle" else getattr(unet, f"{block}_blocks")[block_id]
+
+
+def structure_of(unet) -> UNetStructure:
+    """The structure of a ComfyUI UNet module (core/structure.py), read from its modules: the level rises after
+    a block holding a Downsample (openaimodel puts each in an input block of its own, or in a ResBlock with
+    down=True) and falls after one holding an Upsample (the last output block of a level ends with it)."""
+    blocks, level = [], 0
+    for block, block_id, seq in _unet_blocks(unet):
+        transformers = sum(len(m.transformer_blocks) for m in seq if isinstance(m, SpatialTransformer))
+        blocks.append(Block(block, block_id, level, transformers, len(seq) > 0 and isinstance(seq[0], ResBlock)))
+        level += _holds(seq, Downsample) - _holds(seq, Upsample)
+    return UNetStructure(tuple(blocks))
+
+
+def _holds(seq, kind) -> bool:
+    """Whether a block holds a `kind` (Downsample / Upsample) module: on its own or as a ResBlock's up / down."""
+    return any(isinstance(m, kind) or isinstance(getattr(m, "h_upd", None), kind) for m in seq)
+
+
+def unet_structure(model_patcher) -> UNetStructure:
+    """The structure of the model's UNet, found from the model itself."""
+    return structure_of(_unet(model_patcher))
+
+
+def transformer_modules(unet) -> dict[tuple[str, int, int], "torch.nn.Module"]:
+    """(block, block_id, index) -> transformer block (BasicTransformerBlock), for every transformer layer."""
+    found = {}
+    for b in structure_of(unet).blocks:
+        layers = [tb for m in _block(unet, b.part, b.block_id) if isinstance(m, SpatialTransformer)
+                  for tb in m.transformer_blocks]
+        found.update(((b.part, b.block_id, i), tb) for i, tb in enumerate(layers))
+    return found
+
+
 def transformer_blocks(model_patcher) -> list[tuple[str, int, int]]:
     """(block, block_id, index) of every transformer block, found from the model itself."""
-    found = []
-    for block, block_id, seq in _unet_blocks(_unet(model_patcher)):
-        for module in seq:
-            if isinstance(module, SpatialTransformer):
-                found.extend((block, block_id, i) for i in range(len(module.transformer_blocks)))
-    return found
+    return [(t.block, t.block_id, t.index) for t in unet_structure(model_patcher).layers]
 
 
 def _residual_branches(unet) -> dict[FeatureSite, "torch.nn.Module"]:
     """Feature site -> the last layer of its ResBlock's residual branch (out_layers' convolution)."""
-    return {FeatureSite(block, block_id): seq[0].out_layers[-1]
-            for block, block_id, seq in _unet_blocks(unet) if len(seq) and isinstance(seq[0], ResBlock)}
+    return {FeatureSite(b.part, b.block_id): _block(unet, b.part, b.block_id)[0].out_layers[-1]
+            for b in structure_of(unet).feature_blocks}
 
 
 def feature_sites(model_patcher) -> list[FeatureSite]:
     """Every block that opens with a ResBlock, found from the model itself."""
-    return list(_residual_branches(_unet(model_patcher)))
+    return [FeatureSite(b.part, b.block_id) for b in unet_structure(model_patcher).feature_blocks]
 
 
 def attention_sites(model_patcher) -> list[AttentionSite]:
-    sites = sites_for_transformers(transformer_blocks(model_patcher))
+    sites = structure_sites(unet_structure(model_patcher))
     if not sites:
         raise UnsupportedModelError("model: no transformer attention blocks found in this UNet")
     return sites
@@ -95,7 +128,7 @@ def chosen_self_layers(model_patcher, text: str, decoder: bool) -> tuple[int, ..
     sites = [s for s in attention_sites(model_patcher) if s.kind == SELF]
     count = max(s.layer for s in sites) + 1
     if not text.strip():
-        return tuple(s.layer for s in sites if s.block == "output") if decoder else None
+        return tuple(t.layer for t in unet_structure(model_patcher).layers_in(DECODER)) if decoder else None
     layers = parse_layers(text, "layers")
     if not layers:
         raise ValueError(f"layers: give at least one transformer layer (this model has 0 to {count - 1}), or leave "

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import CROSS, SELF, AttentionSite, RunState, sites_for_transformers
+from ..core.attention import CROSS, SELF, AttentionSite, RunState, structure_sites
 from ..core.files import read_safetensors
 from ..core.p3s import (ALPHA, BETA, LAMBDA, POWER, LastCrossProbs, P3SInjection, RNGREncoder, ZeroProjections,
                         injection_weight)
-from .comfy_attention import RUN_KEY, _unet, _unet_blocks, attach_controller, transformer_blocks
+from .comfy_attention import RUN_KEY, _unet, attach_controller, transformer_modules, unet_structure
 
 FORMAT = "editkit-p3s-adapter"
 VERSION = 1
@@ -43,20 +43,8 @@ def register_folder() -> None:
                                                        {".safetensors"})
 
 
-def _transformer_modules(unet) -> dict[tuple[str, int, int], torch.nn.Module]:
-    """(block, block_id, index) -> BasicTransformerBlock, for every transformer of a ComfyUI UNet module."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-    found = {}
-    for block, block_id, seq in _unet_blocks(unet):
-        for module in seq:
-            if isinstance(module, SpatialTransformer):
-                for i, tb in enumerate(module.transformer_blocks):
-                    found[(block, block_id, i)] = tb
-    return found
-
-
 def _sites(model_patcher) -> dict[tuple[str, int, int], tuple[AttentionSite, AttentionSite]]:
-    sites = sites_for_transformers(transformer_blocks(model_patcher))
+    sites = structure_sites(unet_structure(model_patcher))
     by_key = {}
     for s in sites:
         by_key.setdefault((s.block, s.block_id, s.index), [None, None])[0 if s.kind == SELF else 1] = s
@@ -66,7 +54,7 @@ def _sites(model_patcher) -> dict[tuple[str, int, int], tuple[AttentionSite, Att
 def unet_layout(model_patcher) -> dict:
     """What an adapter must match: every transformer's place and width, the context width and input channels."""
     unet = _unet(model_patcher)
-    modules = _transformer_modules(unet)
+    modules = transformer_modules(unet)
     return {"transformers": [[b, i, j, modules[(b, i, j)].attn1.to_k.in_features] for b, i, j in sorted(modules)],
             "context_dim": int(next(iter(modules.values())).attn2.to_k.in_features),
             "in_channels": int(unet.in_channels)}
@@ -250,7 +238,7 @@ class P3SWrapper:
 
 def projections(model_patcher) -> dict:
     """Site name -> the frozen UNet's own (to_k, to_v) of that self-attention layer."""
-    modules = _transformer_modules(_unet(model_patcher))
+    modules = transformer_modules(_unet(model_patcher))
     sites = _sites(model_patcher)
     out = {}
     for key, block in modules.items():
@@ -263,7 +251,7 @@ def projections(model_patcher) -> dict:
 
 
 def last_cross_site(model_patcher) -> AttentionSite:
-    return max((s for s in sites_for_transformers(transformer_blocks(model_patcher)) if s.kind == CROSS),
+    return max((s for s in structure_sites(unet_structure(model_patcher)) if s.kind == CROSS),
                key=lambda s: s.execution_order)
 
 
