@@ -83,13 +83,16 @@ def test_the_training_probe_computes_comfyuis_cross_attention_and_the_localisati
     from toyworld import train
 
     unet = make_comfy_model(seed=3).model.diffusion_model
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0]), torch.randn(2, 77, 32)
+    g = torch.Generator().manual_seed(0)   # seeded: the global generator's state depends on the tests before
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 20.0]), torch.randn(2, 77, 32, generator=g)
     with torch.no_grad():
         plain = unet(x, t, ctx)
         probe = train.CrossAttentionProbe(unet)
         probe.recording = True
         probed = unet(x, t, ctx)
-    assert (probed - plain).abs().max() < 1e-5 * plain.abs().max()
+    # float32 rounding of two attention kernels through 16 layers: at most 2.4e-6 of the output's scale over 40
+    # inputs alone, 5.3e-5 once in a CI worker after other files; a wrong probe (scale, heads) is off by 1e-1
+    assert (probed - plain).abs().max() < 1e-4 * plain.abs().max()
     assert {m.shape[1] for m in probe.maps} == {64, 16, 4} and all(m.shape[2] == 77 for m in probe.maps)
     assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in probe.maps)
 
