@@ -4,27 +4,20 @@ that raises is reported and the run goes on, and bench.json and bench.md are wri
 checks the budget rules with rows of known cost."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 
 import pytest
 import torch
 
-from support import comfy_host
+from support.pack import load_script
 
 FAILING = "P2P word swap + local blend"      # made to raise by the test hook
 
 
 @pytest.fixture(scope="module")
 def bench(host):
-    if "bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench", comfy_host.REPO_ROOT / "benchmarks" / "bench.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench"]
+    return load_script("benchmarks/bench.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,13 @@
 """locales/en/nodeDefs.json carries the hover help of the settings inside DynamicCombos for front end 1.37.11,
 which drops their tooltips (tools/locale_tooltips.py says how); the schemas are the one source of the text."""
-import importlib.util
 import json
 
 from support import comfy_host
-
-TOOL_PATH = comfy_host.REPO_ROOT / "tools" / "locale_tooltips.py"
+from support.pack import load_script
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("locale_tooltips", TOOL_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/locale_tooltips.py")
 
 
 def test_the_shipped_file_is_the_schemas_tooltips(host):

@@ -1,11 +1,11 @@
 """What a user of the template browser and the canvas sees of the shipped workflows: titles, thumbnails,
 declared models, a description, and nodes that do not overlap."""
-import importlib.util
 import json
 
 import pytest
 
 from support import comfy_host
+from support.pack import load_script
 
 WORKFLOWS = sorted((comfy_host.REPO_ROOT / "workflows").glob("*.json"))
 LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name",
@@ -29,15 +29,7 @@ def test_the_template_browser_shows_a_title_and_a_thumbnail(path):
         assert image.format == "JPEG" and min(image.size) >= 256
 
 
-def _thumbnail_tool():
-    path = comfy_host.REPO_ROOT / "tools" / "workflow_thumbnails.py"
-    spec = importlib.util.spec_from_file_location("workflow_thumbnails", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-THUMBNAILS = _thumbnail_tool()
+THUMBNAILS = load_script("tools/workflow_thumbnails.py")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))

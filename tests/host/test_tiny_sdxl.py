@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from support import comfy_host, tiny_models
+from support import tiny_models
 
 # diffusers' config of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json; the keys that differ from
 # UNet2DConditionModel's defaults): an independent statement of SDXL's layout, not derived from the tiny model.

@@ -276,14 +276,20 @@ _lock = threading.RLock()
 _unet_sd_cache: dict[int, dict[str, torch.Tensor]] = {}
 
 
-def _diffusers_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
+def _cached(cache: dict, key, build):
+    """cache[key], built once (under the module's lock) by build()."""
     with _lock:
-        sd = _unet_sd_cache.get(seed)
-        if sd is None:
-            unet = make_diffusers_unet(seed)
-            sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-            _unet_sd_cache[seed] = sd
-        return sd
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+
+def _weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _diffusers_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    return _cached(_unet_sd_cache, seed, lambda: _weights_of(make_diffusers_unet(seed)))
 
 
 # ----------------------------------------------------------------------------
@@ -303,17 +309,34 @@ def comfy_unet_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
     Converted with ComfyUI's own ``comfy.utils.unet_to_diffusers`` mapping.
     """
+    return _ldm_state_dict(_diffusers_unet_state_dict(seed), TINY_COMFY_UNET_CONFIG)
+
+
+def _ldm_state_dict(diffusers_sd: dict[str, torch.Tensor], unet_config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers UNet state dict under ComfyUI's keys for `unet_config`, by ComfyUI's own mapping."""
     _require_comfy()
     import comfy.utils
 
-    diffusers_sd = _diffusers_unet_state_dict(seed)
-    mapping = comfy.utils.unet_to_diffusers(TINY_COMFY_UNET_CONFIG)  # diffusers key -> ldm key
+    mapping = comfy.utils.unet_to_diffusers(unet_config)  # diffusers key -> ldm key
     # (the mapping also lists conv_shortcut keys of res blocks whose channel
     # count does not change; those simply do not exist in either model)
     unmapped = sorted(set(diffusers_sd) - set(mapping))
     if unmapped:
         raise RuntimeError(f"diffusers keys without a ComfyUI mapping: {unmapped[:5]}")
     return {mapping[k]: v.clone() for k, v in diffusers_sd.items()}
+
+
+def _comfy_patcher(model_config, unet_sd: dict[str, torch.Tensor], what: str):
+    """A float32 CPU ``ModelPatcher`` of `model_config`'s model holding exactly `unet_sd`."""
+    import comfy.model_patcher
+
+    cpu = torch.device("cpu")
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=cpu)
+    _load_strict(model.diffusion_model, unet_sd, what)
+    model = model.to(cpu).eval()
+    model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def make_comfy_model(seed: int = 0):
@@ -324,20 +347,10 @@ def make_comfy_model(seed: int = 0):
     load and offload device are the CPU.
     """
     _require_comfy()
-    import comfy.model_patcher
     import comfy.supported_models
 
-    cpu = torch.device("cpu")
-    model_config = comfy.supported_models.SD15(TINY_COMFY_UNET_CONFIG)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, "", device=cpu)
-    sd = comfy_unet_state_dict(seed)
-    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"tiny unet load mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
-    model = model.to(cpu).eval()
-    model.requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return _comfy_patcher(comfy.supported_models.SD15(TINY_COMFY_UNET_CONFIG), comfy_unet_state_dict(seed),
+                          "tiny unet")
 
 
 def make_comfy_clip(seed: int = 0):
@@ -347,21 +360,23 @@ def make_comfy_clip(seed: int = 0):
     prompts are chunked by 77 tokens: context shape ``(1, 77 * chunks, 32)``.
     """
     _require_comfy()
-    import comfy.sd
     import comfy.sd1_clip
+
+    return _comfy_clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel,
+                       {"clip_l_model_config": TINY_CLIP_CONFIG}, _generator(seed, "clip"))
+
+
+def _comfy_clip(tokenizer, encoder, configs: dict[str, dict], generator: torch.Generator):
+    """A float32 CPU ``comfy.sd.CLIP`` of `tokenizer` / `encoder` with the text-model config overrides `configs`
+    ({"clip_l_model_config": ..., ...}), every weight drawn from `generator`."""
+    import comfy.sd
     import comfy.supported_models_base
 
     cpu = torch.device("cpu")
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    model_options = {
-        "clip_l_model_config": dict(TINY_CLIP_CONFIG),
-        "dtype": torch.float32,
-        "load_device": cpu,
-        "offload_device": cpu,
-        "initial_device": cpu,
-    }
-    clip = comfy.sd.CLIP(target=target, model_options=model_options)
-    init_weights_(clip.cond_stage_model, _generator(seed, "clip"))
+    model_options = {**{name: dict(config) for name, config in configs.items()}, "dtype": torch.float32,
+                     "load_device": cpu, "offload_device": cpu, "initial_device": cpu}
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tokenizer, encoder), model_options=model_options)
+    init_weights_(clip.cond_stage_model, generator)
     return clip
 
 
@@ -381,11 +396,7 @@ def make_comfy_vae(seed: int = 0):
     _require_comfy()
     import comfy.sd
 
-    with _lock:
-        sd = _vae_sd_cache.get(seed)
-        if sd is None:
-            sd = _vae_state_dict(seed)
-            _vae_sd_cache[seed] = sd
+    sd = _cached(_vae_sd_cache, seed, lambda: _vae_state_dict(seed))
     config = {"params": {"ddconfig": dict(TINY_VAE_DDCONFIG), "embed_dim": LATENT_CHANNELS}}
     sd = {k: v.clone() for k, v in sd.items()}
     return comfy.sd.VAE(sd=sd, device=torch.device("cpu"), config=config, dtype=torch.float32)
@@ -402,13 +413,14 @@ def tiny_checkpoint(seed: int = 0):
     test adds never leak into other tests.  The VAE is rebuilt on every call
     (cheap) from the cached weights.
     """
-    with _lock:
-        cached = _ckpt_cache.get(seed)
-        if cached is None:
-            cached = (make_comfy_model(seed), make_comfy_clip(seed))
-            _ckpt_cache[seed] = cached
-        model, clip = cached
-        return model.clone(), clip.clone(), make_comfy_vae(seed)
+    return _checkpoint_clones(_ckpt_cache, seed, lambda: (make_comfy_model(seed), make_comfy_clip(seed)),
+                              lambda: make_comfy_vae(seed))
+
+
+def _checkpoint_clones(cache: dict, key, build, make_vae):
+    """(MODEL, CLIP, VAE): clones of the (MODEL, CLIP) built once by build(), and a fresh VAE."""
+    model, clip = _cached(cache, key, build)
+    return model.clone(), clip.clone(), make_vae()
 
 
 # A CLIP vision model of ViT-L/14's kind (class token, quick_gelu, pre-layer-norm, projection) at tiny widths,
@@ -564,30 +576,23 @@ def _load_toyworld_file(part: str, folder=None) -> dict[str, torch.Tensor]:
 def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     missing, unexpected = module.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"toy-world {what} load mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+        raise RuntimeError(f"{what} load mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
 
 
 def make_toyworld_model(folder=None):
     """The tiny ComfyUI MODEL of ``make_comfy_model`` (SD15: eps, scaled-linear schedule, SD15 latent format) with
     the trained toy-world UNet weights."""
     _require_comfy()
-    import comfy.model_patcher
     import comfy.supported_models
 
-    cpu = torch.device("cpu")
-    model_config = comfy.supported_models.SD15(TINY_COMFY_UNET_CONFIG)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, "", device=cpu)
-    _load_strict(model.diffusion_model, _load_toyworld_file("unet", folder), "unet")
-    model = model.to(cpu).eval()
-    model.requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return _comfy_patcher(comfy.supported_models.SD15(TINY_COMFY_UNET_CONFIG), _load_toyworld_file("unet", folder),
+                          "toy-world unet")
 
 
 def make_toyworld_clip(folder=None):
     """The tiny CLIP of ``make_comfy_clip`` (ComfyUI's SD1 tokenizer) with the trained toy-world text encoder."""
     clip = make_comfy_clip(seed=0)
-    _load_strict(clip.cond_stage_model, _load_toyworld_file("clip", folder), "text encoder")
+    _load_strict(clip.cond_stage_model, _load_toyworld_file("clip", folder), "toy-world text encoder")
     return clip
 
 
@@ -616,13 +621,8 @@ def toyworld_checkpoint(folder=None):
     ``tiny_checkpoint``; every call returns clones (and a fresh VAE). Raises ``FileNotFoundError`` when the
     weights are missing (a failure, never a skip)."""
     key = str(_pathlib.Path(folder or TOYWORLD_WEIGHTS).resolve())
-    with _lock:
-        cached = _toyworld_cache.get(key)
-        if cached is None:
-            cached = (make_toyworld_model(folder), make_toyworld_clip(folder))
-            _toyworld_cache[key] = cached
-        model, clip = cached
-        return model.clone(), clip.clone(), make_toyworld_vae(folder)
+    return _checkpoint_clones(_toyworld_cache, key, lambda: (make_toyworld_model(folder), make_toyworld_clip(folder)),
+                              lambda: make_toyworld_vae(folder))
 
 
 # ----------------------------------------------------------------------------
@@ -754,27 +754,13 @@ _sdxl_unet_sd_cache: dict[int, dict[str, torch.Tensor]] = {}
 
 
 def _diffusers_sdxl_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    with _lock:
-        sd = _sdxl_unet_sd_cache.get(seed)
-        if sd is None:
-            unet = make_diffusers_sdxl_unet(seed)
-            sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-            _sdxl_unet_sd_cache[seed] = sd
-        return sd
+    return _cached(_sdxl_unet_sd_cache, seed, lambda: _weights_of(make_diffusers_sdxl_unet(seed)))
 
 
 def comfy_sdxl_unet_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """The weights of ``make_diffusers_sdxl_unet(seed)`` under ComfyUI (ldm) keys, converted with ComfyUI's own
     ``comfy.utils.unet_to_diffusers`` mapping (``add_embedding.*`` -> ``label_emb.0.*``)."""
-    _require_comfy()
-    import comfy.utils
-
-    diffusers_sd = _diffusers_sdxl_unet_state_dict(seed)
-    mapping = comfy.utils.unet_to_diffusers(TINY_SDXL_COMFY_UNET_CONFIG)  # diffusers key -> ldm key
-    unmapped = sorted(set(diffusers_sd) - set(mapping))
-    if unmapped:
-        raise RuntimeError(f"diffusers keys without a ComfyUI mapping: {unmapped[:5]}")
-    return {mapping[k]: v.clone() for k, v in diffusers_sd.items()}
+    return _ldm_state_dict(_diffusers_sdxl_unet_state_dict(seed), TINY_SDXL_COMFY_UNET_CONFIG)
 
 
 def make_comfy_sdxl_model(seed: int = 0):
@@ -787,23 +773,13 @@ def make_comfy_sdxl_model(seed: int = 0):
     to the latent's size times 8 in the sampler, crops to 0, targets to width / height.
     """
     _require_comfy()
-    import comfy.model_patcher
     import comfy.supported_models
 
-    cpu = torch.device("cpu")
     model_config = comfy.supported_models.SDXL(TINY_SDXL_COMFY_UNET_CONFIG)
     # BASE.__init__ overwrote the head layout with SDXL's unet_extra_config (64-channel heads: 0 heads at 32)
     model_config.unet_config["num_heads"] = TINY_SDXL_COMFY_UNET_CONFIG["num_heads"]
     model_config.unet_config["num_head_channels"] = TINY_SDXL_COMFY_UNET_CONFIG["num_head_channels"]
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, "", device=cpu)
-    sd = comfy_sdxl_unet_state_dict(seed)
-    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"tiny sdxl unet load mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
-    model = model.to(cpu).eval()
-    model.requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return _comfy_patcher(model_config, comfy_sdxl_unet_state_dict(seed), "tiny sdxl unet")
 
 
 def make_comfy_sdxl_clip(seed: int = 0):
@@ -814,23 +790,11 @@ def make_comfy_sdxl_clip(seed: int = 0):
     ``(1, SDXL_POOLED_DIM)``.
     """
     _require_comfy()
-    import comfy.sd
     import comfy.sdxl_clip
-    import comfy.supported_models_base
 
-    cpu = torch.device("cpu")
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    model_options = {
-        "clip_l_model_config": dict(TINY_SDXL_CLIP_L_CONFIG),
-        "clip_g_model_config": dict(TINY_SDXL_CLIP_G_CONFIG),
-        "dtype": torch.float32,
-        "load_device": cpu,
-        "offload_device": cpu,
-        "initial_device": cpu,
-    }
-    clip = comfy.sd.CLIP(target=target, model_options=model_options)
-    init_weights_(clip.cond_stage_model, _generator(seed, "sdxl_clip"))
-    return clip
+    return _comfy_clip(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
+                       {"clip_l_model_config": TINY_SDXL_CLIP_L_CONFIG, "clip_g_model_config": TINY_SDXL_CLIP_G_CONFIG},
+                       _generator(seed, "sdxl_clip"))
 
 
 def make_comfy_sdxl_vae(seed: int = 0):
@@ -849,10 +813,5 @@ def tiny_sdxl_checkpoint(seed: int = 0):
     As ``tiny_checkpoint``: the UNet and text encoders are built once per seed and cached, every call returns
     clones (``ModelPatcher.clone()`` / ``CLIP.clone()``) and a fresh VAE.
     """
-    with _lock:
-        cached = _sdxl_ckpt_cache.get(seed)
-        if cached is None:
-            cached = (make_comfy_sdxl_model(seed), make_comfy_sdxl_clip(seed))
-            _sdxl_ckpt_cache[seed] = cached
-        model, clip = cached
-        return model.clone(), clip.clone(), make_comfy_sdxl_vae(seed)
+    return _checkpoint_clones(_sdxl_ckpt_cache, seed, lambda: (make_comfy_sdxl_model(seed), make_comfy_sdxl_clip(seed)),
+                              lambda: make_comfy_sdxl_vae(seed))
